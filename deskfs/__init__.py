@@ -1,0 +1,3 @@
+"""deskfs: a shared desk for a team of agents, presented as an ordinary FUSE mount."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from deskfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""The `deskfs` command: parses arguments, calls the daemon or the store, prints.
+
+Owns what a user reads: one line per error (exit 2 for usage, 1 for a refusal), tables for people and
+`--json` for programs.
+Must never: print a traceback for anything a user did; write the database behind a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from typing import Any, Callable
+
+import sqlite_utils
+
+from deskfs import mounts
+from deskfs.errors import EXIT_REFUSED, EXIT_USAGE, DeskfsError
+from deskfs.store import Store, check_is_store, db_path, init_store, lock_path, log_path
+
+UNMOUNT_WAIT_SECONDS = 120
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as for every usage error
+        raise DeskfsError(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def _human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- init, mount, unmount ---------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    init_store(args.store, os.getuid(), os.getgid())
+    print(f"created a deskfs store at {os.path.abspath(args.store)}")
+    print(f"mount it with: deskfs mount {args.store} MOUNTPOINT")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    store = os.path.abspath(args.store)
+    check_is_store(store)
+    if args.foreground:
+        return _mount_foreground(args, store)
+    return _mount_background(args, store)
+
+
+def _mount_foreground(args: argparse.Namespace, store: str) -> int:
+    from deskfs.mount import serve  # pyfuse3 is imported only by the commands that mount
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ready_fd = args.ready_fd
+
+    def ready(repairs: list[str]) -> None:
+        if ready_fd is None:
+            for line in repairs:
+                print(f"deskfs: fsck repaired: {line}", file=sys.stderr)
+            print(f"deskfs: {store} mounted at {args.mountpoint} (Ctrl-C or deskfs unmount to stop)",
+                  file=sys.stderr)
+            return
+        with os.fdopen(ready_fd, "w") as channel:
+            channel.write("ok\n" + "".join(f"{line}\n" for line in repairs))
+
+    try:
+        serve(store, args.mountpoint, args.allow_other, ready)
+    except DeskfsError as exc:
+        if ready_fd is None:
+            raise
+        with os.fdopen(ready_fd, "w") as channel:
+            channel.write(f"error {exc.exit_code} {exc}\n")
+        return exc.exit_code
+    return 0
+
+
+def _mount_background(args: argparse.Namespace, store: str) -> int:
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "deskfs", "mount", "--foreground", "--ready-fd", str(write_end)]
+    if args.allow_other:
+        command.append("--allow-other")
+    command += [store, args.mountpoint]
+    os.makedirs(os.path.dirname(log_path(store)), exist_ok=True)
+    with open(log_path(store), "ab") as daemon_log:
+        subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=daemon_log, stderr=daemon_log)
+    os.close(write_end)
+    with os.fdopen(read_end) as channel:
+        answer = channel.read().splitlines()
+    if not answer:
+        raise DeskfsError(f"the deskfs daemon died while mounting; see {log_path(store)}")
+    status, *details = answer
+    if status.startswith("error "):
+        _, code, message = status.split(" ", 2)
+        raise DeskfsError(message, int(code))
+    for line in details:
+        print(f"fsck repaired: {line}")
+    print(f"deskfs: {store} mounted at {os.path.abspath(args.mountpoint)}")
+    print(f"stop it with: deskfs unmount {args.mountpoint}")
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    mount = mounts.mount_at(args.mountpoint)
+    if mount is None:
+        raise DeskfsError(f"{args.mountpoint} is not a deskfs mount")
+    result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
+        raise DeskfsError(f"cannot unmount {mount.mountpoint}: {reason} (is a file or folder in it still in use?)")
+    _wait_for_daemon(mount.store)
+    print(f"deskfs: unmounted {mount.mountpoint}")
+    return 0
+
+
+def _wait_for_daemon(store: str) -> None:
+    """Block until the daemon has closed the store (it releases its lock as it exits)."""
+    fd = os.open(lock_path(store), os.O_RDWR | os.O_CLOEXEC)
+
+    def too_slow(signum: int, frame: Any) -> None:
+        raise DeskfsError(f"unmounted, but the daemon of {store} has not finished after {UNMOUNT_WAIT_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(UNMOUNT_WAIT_SECONDS)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(fd)
+
+
+# -- status and fsck --------------------------------------------------------------------------
+
+
+def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
+    conn = sqlite3.connect(f"file:{db_path(mount.store)}?mode=ro", uri=True)
+    try:
+        db = sqlite_utils.Database(conn)
+        files = db["inodes"].count - 1
+        size = db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE mode & 61440 = 32768"
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    return {"mountpoint": mount.mountpoint, "store": mount.store, "files": files, "bytes": size}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    chosen = [mounts.resolve_workspace(args.mount)] if args.mount else mounts.mounted()
+    summaries = [_workspace_summary(m) for m in chosen]
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return 0
+    if not summaries:
+        print("no deskfs workspace is mounted")
+        return 0
+    rows = [("MOUNTPOINT", "STORE", "FILES", "SIZE")] + [
+        (s["mountpoint"], s["store"], str(s["files"]), _human_size(s["bytes"])) for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from deskfs.store.fsck import fsck
+
+    path = os.path.abspath(args.store)
+    check_is_store(path)
+    mounted = mounts.mount_of_store(path)
+    if mounted is not None:
+        raise DeskfsError(f"{path} is mounted at {mounted.mountpoint}; unmount it before fsck")
+    store = Store(path)
+    try:
+        repairs = fsck(store)
+    finally:
+        store.close(clean=True)
+    for line in repairs:
+        print(f"repaired: {line}")
+    print(f"{path}: {'repaired' if repairs else 'clean, nothing to repair'}")
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deskfs", description="A shared desk for a team of agents: a FUSE workspace.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("init", cmd_init, "create a workspace store")
+    sub.add_argument("store")
+
+    sub = command("mount", cmd_mount, "mount a workspace store at an empty folder")
+    sub.add_argument("store")
+    sub.add_argument("mountpoint")
+    sub.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
+    sub.add_argument("--allow-other", action="store_true", help="let other Unix users use the mount")
+    sub.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    sub = command("unmount", cmd_unmount, "unmount a workspace and wait for its daemon to finish")
+    sub.add_argument("mountpoint")
+
+    sub = command("status", cmd_status, "mounted workspaces: store, file count, size")
+    sub.add_argument("--mount", metavar="PATH", help="only the workspace holding PATH")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("fsck", cmd_fsck, "check and repair an unmounted store")
+    sub.add_argument("store")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except DeskfsError as exc:
+        print(f"deskfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"deskfs: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
+        return EXIT_REFUSED

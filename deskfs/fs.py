@@ -1,0 +1,544 @@
+"""The FUSE face of deskfs: `Operations` translates kernel requests into calls on the store.
+
+Owns the kernel's view of the tree while mounted: lookup counts, open handles, and the rule that an
+inode is freed only when it has no name, no lookup count and no open handle left.
+
+Must never: block (every handler is synchronous code between two awaits, so the loop stays atomic and
+no SQL or file call may wait on anything slow); let an exception other than FUSEError reach pyfuse3
+(it would end the mount); decide policy that belongs to the modules below.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import pyfuse3
+
+from deskfs.store import Store
+from deskfs.store.meta import Inode
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XATTR_SIZE_MAX = 64 * 1024
+# The kernel keeps entries and attributes this long: every request it saves is a round trip.
+CACHE_TIMEOUT = 300.0
+# Advertised block size: tools size their I/O buffers by it, and fewer, larger writes are cheaper here.
+BLOCK_SIZE = 128 * 1024
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+PRIVILEGED_XATTR_NAMESPACES = (b"trusted.", b"security.")
+SECURITY_CAPABILITY = b"security.capability"
+
+
+def fuse_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a synchronous handler body into the coroutine pyfuse3 awaits, mapping errors to errnos."""
+
+    @functools.wraps(fn)
+    async def handler(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise fail(errno.ENAMETOOLONG)
+
+
+@dataclass(slots=True)
+class Handle:
+    """An open file: what `open`/`create` bound, for the requests that carry no context."""
+
+    inode: Inode
+    fd: int
+    flags: int
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # every write must reach us through the writer's own handle
+    enable_acl = False
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.meta = store.meta
+        self.content = store.content
+        self.lookups: dict[int, int] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._with_capabilities = self.meta.inodes_with_xattr(SECURITY_CAPABILITY)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.meta.get(ino)
+        if inode is None:
+            raise fail(errno.ENOENT)
+        return inode
+
+    def _child(self, parent: int, name: bytes) -> Inode:
+        check_name(name)
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise fail(errno.ENOENT)
+        return self._inode(ino)
+
+    @staticmethod
+    def _attributes(inode: Inode) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.id
+        entry.generation = 0
+        entry.entry_timeout = CACHE_TIMEOUT
+        entry.attr_timeout = CACHE_TIMEOUT
+        entry.st_mode = inode.mode
+        entry.st_nlink = inode.nlink
+        entry.st_uid = inode.uid
+        entry.st_gid = inode.gid
+        entry.st_rdev = inode.rdev
+        entry.st_size = inode.size
+        entry.st_blksize = BLOCK_SIZE
+        entry.st_blocks = ((inode.size + 4095) // 4096) * 8
+        entry.st_atime_ns = inode.atime_ns
+        entry.st_mtime_ns = inode.mtime_ns
+        entry.st_ctime_ns = inode.ctime_ns
+        return entry
+
+    def _counted(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes handed to the kernel along with one more lookup reference."""
+        self.lookups[inode.id] = self.lookups.get(inode.id, 0) + 1
+        return self._attributes(inode)
+
+    def _release_if_unreferenced(self, ino: int) -> None:
+        """Free an inode with no name left once the kernel and every handle are done with it."""
+        if self.lookups.get(ino) or self.content.is_open(ino):
+            return
+        inode = self.meta.cache.get(ino)
+        if inode is None:
+            return
+        if inode.nlink > 0:
+            self.meta.evict(ino)
+            return
+        self.meta.delete_inode(ino)
+        self._with_capabilities.discard(ino)
+        if inode.is_regular:
+            self.content.delete(ino)
+
+    def _touch(self, inode: Inode, now: int) -> None:
+        inode.touch_content(now)
+        self.meta.changed(inode)
+
+    def _make(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Inode:
+        check_name(name)
+        folder = self._inode(parent)
+        if self.meta.lookup(parent, name) is not None:
+            raise fail(errno.EEXIST)
+        gid = ctx.gid
+        if folder.mode & stat.S_ISGID:
+            # BSD group semantics in a setgid folder: the group is inherited, and so is the bit by folders.
+            gid = folder.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        inode = self.meta.new_inode(mode, ctx.uid, gid, rdev, now)
+        self.meta.add_entry(parent, name, inode.id)
+        if inode.is_dir:
+            folder.nlink += 1
+        self._touch(folder, now)
+        return inode
+
+    def _drop_link(self, inode: Inode, now: int) -> None:
+        inode.nlink = 0 if inode.is_dir else inode.nlink - 1
+        inode.ctime_ns = now
+        self.meta.changed(inode)
+        if inode.nlink == 0:
+            self._release_if_unreferenced(inode.id)
+
+    def _truncate(self, inode: Inode, size: int, now: int) -> None:
+        if not inode.is_regular:
+            raise fail(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        self.content.truncate(inode.id, size, inode.size)
+        inode.size = size
+        self._touch(inode, now)
+
+    def _new_handle(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+        fd = self.content.acquire(inode.id)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(inode, fd, flags)
+        # keep_cache: every change to a body passes through this kernel's page cache, so it is never stale.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    # -- lookups and attributes ---------------------------------------------------------------
+
+    @fuse_handler
+    def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            ino: int | None = parent
+        elif name == b"..":
+            ino = self.meta.parent_of(parent)
+        else:
+            check_name(name)
+            ino = self.meta.lookup(parent, name)
+        if ino is None:
+            # A negative entry with a timeout lets the kernel remember the miss (ENOENT would not).
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = CACHE_TIMEOUT
+            return entry
+        return self._counted(self._inode(ino))
+
+    @fuse_handler
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self.lookups.get(ino, 0) - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            self._release_if_unreferenced(ino)
+
+    @fuse_handler
+    def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._inode(ino))
+
+    @fuse_handler
+    def setattr(
+        self,
+        ino: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        inode = self._inode(ino)
+        now = time.time_ns()
+        if fields.update_size:
+            self._truncate(inode, attr.st_size, now)
+        if fields.update_mode:
+            inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            inode.uid = attr.st_uid
+        if fields.update_gid:
+            inode.gid = attr.st_gid
+        if fields.update_atime:
+            inode.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            inode.mtime_ns = attr.st_mtime_ns
+        inode.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+        self.meta.changed(inode)
+        return self._attributes(inode)
+
+    @fuse_handler
+    def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = self.meta.symlink_target(ino)
+        if target is None:
+            raise fail(errno.EINVAL)
+        return target
+
+    @fuse_handler
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.store.path)
+        reserved_blocks = self.content.guard.reserve // st.f_frsize
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = st.f_frsize
+        data.f_blocks = st.f_blocks
+        data.f_bfree = max(0, st.f_bfree - reserved_blocks)
+        data.f_bavail = max(0, st.f_bavail - reserved_blocks)
+        data.f_files = st.f_files
+        data.f_ffree = st.f_ffree
+        data.f_favail = st.f_favail
+        data.f_namemax = NAME_MAX
+        return data
+
+    # -- names --------------------------------------------------------------------------------
+
+    @fuse_handler
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._counted(self._make(parent, name, mode, rdev, ctx))
+
+    @fuse_handler
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._counted(self._make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, ctx))
+
+    @fuse_handler
+    def symlink(
+        self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = self._make(parent, name, stat.S_IFLNK | 0o777, 0, ctx)
+        self.meta.set_symlink(inode.id, target)
+        inode.size = len(target)
+        self.meta.changed(inode)
+        return self._counted(inode)
+
+    @fuse_handler
+    def link(self, ino: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        check_name(new_name)
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise fail(errno.EPERM)
+        folder = self._inode(new_parent)
+        if self.meta.lookup(new_parent, new_name) is not None:
+            raise fail(errno.EEXIST)
+        now = time.time_ns()
+        self.meta.add_entry(new_parent, new_name, ino)
+        inode.nlink += 1
+        inode.ctime_ns = now
+        self.meta.changed(inode)
+        self._touch(folder, now)
+        return self._counted(inode)
+
+    @fuse_handler
+    def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self._child(parent, name)
+        if inode.is_dir:
+            raise fail(errno.EISDIR)
+        now = time.time_ns()
+        self.meta.remove_entry(parent, name)
+        self._touch(self._inode(parent), now)
+        self._drop_link(inode, now)
+
+    @fuse_handler
+    def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self._child(parent, name)
+        if not inode.is_dir:
+            raise fail(errno.ENOTDIR)
+        if self.meta.has_entries(inode.id):
+            raise fail(errno.ENOTEMPTY)
+        now = time.time_ns()
+        folder = self._inode(parent)
+        self.meta.remove_entry(parent, name)
+        folder.nlink -= 1
+        self._touch(folder, now)
+        self._drop_link(inode, now)
+
+    @fuse_handler
+    def rename(
+        self,
+        parent_old: int,
+        name_old: bytes,
+        parent_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        moved = self._child(parent_old, name_old)
+        check_name(name_new)
+        target_ino = self.meta.lookup(parent_new, name_new)
+        if flags & pyfuse3.RENAME_NOREPLACE and target_ino is not None:
+            raise fail(errno.EEXIST)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if target_ino is None:
+                raise fail(errno.ENOENT)
+            self._exchange(parent_old, name_old, moved, parent_new, name_new, self._inode(target_ino))
+            return
+        if moved.is_dir and self.meta.is_ancestor(moved.id, parent_new):
+            raise fail(errno.EINVAL)
+        if target_ino == moved.id:
+            return  # POSIX: renaming a name onto another name of the same file does nothing
+        now = time.time_ns()
+        old_folder, new_folder = self._inode(parent_old), self._inode(parent_new)
+        if target_ino is not None:
+            replaced = self._inode(target_ino)
+            self._check_replaceable(moved, replaced)
+            self.meta.remove_entry(parent_new, name_new)
+            if replaced.is_dir:
+                new_folder.nlink -= 1
+            self._drop_link(replaced, now)
+        self.meta.move_entry(parent_old, name_old, parent_new, name_new)
+        if moved.is_dir and parent_old != parent_new:
+            old_folder.nlink -= 1
+            new_folder.nlink += 1
+        moved.ctime_ns = now
+        self.meta.changed(moved)
+        self._touch(old_folder, now)
+        self._touch(new_folder, now)
+
+    def _check_replaceable(self, moved: Inode, replaced: Inode) -> None:
+        if moved.is_dir and not replaced.is_dir:
+            raise fail(errno.ENOTDIR)
+        if replaced.is_dir and not moved.is_dir:
+            raise fail(errno.EISDIR)
+        if replaced.is_dir and self.meta.has_entries(replaced.id):
+            raise fail(errno.ENOTEMPTY)
+
+    def _exchange(
+        self, parent_a: int, name_a: bytes, a: Inode, parent_b: int, name_b: bytes, b: Inode
+    ) -> None:
+        if (a.is_dir and self.meta.is_ancestor(a.id, parent_b)) or (
+            b.is_dir and self.meta.is_ancestor(b.id, parent_a)
+        ):
+            raise fail(errno.EINVAL)
+        now = time.time_ns()
+        folder_a, folder_b = self._inode(parent_a), self._inode(parent_b)
+        self.meta.repoint_entry(parent_a, name_a, b.id)
+        self.meta.repoint_entry(parent_b, name_b, a.id)
+        if parent_a != parent_b:
+            shift = int(a.is_dir) - int(b.is_dir)  # folders moving from a's folder to b's
+            folder_a.nlink -= shift
+            folder_b.nlink += shift
+        for inode in (a, b):
+            inode.ctime_ns = now
+            self.meta.changed(inode)
+        self._touch(folder_a, now)
+        self._touch(folder_b, now)
+
+    # -- files --------------------------------------------------------------------------------
+
+    @fuse_handler
+    def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inode = self._inode(ino)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._truncate(inode, 0, time.time_ns())
+        return self._new_handle(inode, flags)
+
+    @fuse_handler
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, ctx)
+        return self._new_handle(inode, flags), self._counted(inode)
+
+    @fuse_handler
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self.handles[fh].fd, size, offset)
+
+    @fuse_handler
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.handles[fh]
+        inode = handle.inode
+        written = self.content.write(handle.fd, offset, data, inode.size)
+        if offset + written > inode.size:
+            inode.size = offset + written
+        self._touch(inode, time.time_ns())
+        return written
+
+    @fuse_handler
+    def flush(self, fh: int) -> None:
+        # Nothing to do at close(); ENOSYS tells the kernel to stop sending FLUSH at all.
+        raise fail(errno.ENOSYS)
+
+    @fuse_handler
+    def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        self.content.release(handle.inode.id)
+        self._release_if_unreferenced(handle.inode.id)
+
+    @fuse_handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.handles[fh].fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+        self.store.sync()
+
+    # -- folders ------------------------------------------------------------------------------
+
+    @fuse_handler
+    def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._inode(ino).is_dir:
+            raise fail(errno.ENOTDIR)
+        return ino
+
+    @fuse_handler
+    def readdir(self, ino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Cookies: 1 after ".", 2 after "..", then 2 + the entry's rowid (stable under concurrent changes).
+        # "." and ".." take no lookup reference (the kernel does not count them).
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attributes(self._inode(ino)), 1):
+            return
+        if start_id < 2:
+            parent = self._inode(self.meta.parent_of(ino))
+            if not pyfuse3.readdir_reply(token, b"..", self._attributes(parent), 2):
+                return
+        cookie = max(start_id - 2, 0)
+        while True:
+            batch = self.meta.entries_after(ino, cookie)
+            if not batch:
+                return
+            for name, child, cookie in batch:
+                inode = self._inode(child)
+                if not pyfuse3.readdir_reply(token, name, self._attributes(inode), cookie + 2):
+                    return
+                self.lookups[child] = self.lookups.get(child, 0) + 1
+
+    @fuse_handler
+    def releasedir(self, fh: int) -> None:
+        pass
+
+    @fuse_handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.store.sync()
+
+    # -- extended attributes ------------------------------------------------------------------
+
+    @staticmethod
+    def _check_xattr_name(name: bytes, ctx: pyfuse3.RequestContext, changing: bool) -> None:
+        if not name.startswith(XATTR_NAMESPACES):
+            raise fail(errno.EOPNOTSUPP)
+        if changing and ctx.uid != 0 and name.startswith(PRIVILEGED_XATTR_NAMESPACES):
+            raise fail(errno.EPERM)
+
+    @fuse_handler
+    def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # The kernel asks this before every write(): answer from memory.
+        if name == SECURITY_CAPABILITY and ino not in self._with_capabilities:
+            raise fail(errno.ENODATA)
+        self._check_xattr_name(name, ctx, changing=False)
+        value = self.meta.xattr(ino, name)
+        if value is None:
+            raise fail(errno.ENODATA)
+        return value
+
+    @fuse_handler
+    def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = self.meta.xattr_names(ino)
+        if ctx.uid != 0:
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
+
+    @fuse_handler
+    def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_xattr_name(name, ctx, changing=True)
+        if len(value) > XATTR_SIZE_MAX:
+            raise fail(errno.E2BIG)
+        inode = self._inode(ino)
+        self.content.guard.claim(len(name) + len(value))
+        self.meta.set_xattr(ino, name, value)
+        if name == SECURITY_CAPABILITY:
+            self._with_capabilities.add(ino)
+        inode.ctime_ns = time.time_ns()
+        self.meta.changed(inode)
+
+    @fuse_handler
+    def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_xattr_name(name, ctx, changing=True)
+        inode = self._inode(ino)
+        if not self.meta.remove_xattr(ino, name):
+            raise fail(errno.ENODATA)
+        if name == SECURITY_CAPABILITY:
+            self._with_capabilities.discard(ino)
+        inode.ctime_ns = time.time_ns()
+        self.meta.changed(inode)

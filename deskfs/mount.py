@@ -1,0 +1,113 @@
+"""The daemon: one store, one mount, one trio nursery that owns every background task.
+
+Owns the daemon's life: checking the mountpoint, running fsck after an unclean stop, mounting, the
+commit window, stopping on a signal or an external unmount, and the clean-shutdown mark.
+
+Must never: stat the mountpoint once `pyfuse3.init` has mounted it and before `main()` serves (that
+deadlocks); leave the store marked clean after anything but an orderly close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from deskfs import mounts
+from deskfs.errors import DeskfsError
+from deskfs.fs import Operations
+from deskfs.store import Store
+from deskfs.store.fsck import fsck
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL = 0.05  # seconds; a metadata change is durable against a daemon crash within this
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.exists(mountpoint):
+        raise DeskfsError(f"mountpoint {mountpoint} does not exist")
+    existing = mounts.mount_at(mountpoint)
+    if existing is not None:
+        raise DeskfsError(f"{mountpoint} is already a deskfs mount (of {existing.store})")
+    if not os.path.isdir(mountpoint):
+        raise DeskfsError(f"mountpoint {mountpoint} is not a folder")
+    if os.listdir(mountpoint):
+        raise DeskfsError(f"mountpoint {mountpoint} is not empty")
+
+
+def fuse_options(store: Store, allow_other: bool) -> set[str]:
+    # The store's path is the mount's source (as findmnt shows it); commas separate FUSE options.
+    source = store.path.replace("\\", "\\\\").replace(",", "\\,")
+    options = {"default_permissions", f"fsname={source}", "subtype=deskfs", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+def serve(
+    store_path: str,
+    mountpoint: str,
+    allow_other: bool,
+    ready: Callable[[list[str]], None],
+    commit_interval: float = COMMIT_INTERVAL,
+) -> None:
+    """Mount `store_path` at `mountpoint` and serve until unmounted or signalled.
+
+    `ready` is called once the mount is in place, with the repairs fsck made before it (if any).
+    """
+    mountpoint = os.path.abspath(mountpoint)
+    check_mountpoint(mountpoint)
+    store = Store(store_path)
+    try:
+        repairs = [] if store.was_clean else fsck(store)
+        for line in repairs:
+            log.warning("fsck: %s", line)
+        operations = Operations(store)
+        try:
+            pyfuse3.init(operations, mountpoint, fuse_options(store, allow_other))
+        except RuntimeError as exc:
+            raise DeskfsError(f"cannot mount at {mountpoint}: {exc} (see the kernel log)") from None
+        store.mark_in_use()
+    except BaseException:
+        store.close(clean=store.was_clean)
+        raise
+    log.info("mounted %s at %s", store.path, mountpoint)
+    ready(repairs)
+    try:
+        trio.run(_run, store, commit_interval)
+    finally:
+        pyfuse3.close(unmount=True)
+        store.close(clean=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _run(store: Store, commit_interval: float) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_commit_window, store, commit_interval)
+        nursery.start_soon(_stop_on_signal)
+        # Handlers never await, so one task serves requests best (no task switching per request).
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()
+
+
+async def _commit_window(store: Store, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        try:
+            store.commit()
+        except Exception:
+            # Kept open and retried at the next window: the space guard leaves room, so this is rare.
+            log.exception("commit failed; retrying")
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("stopping on signal %d", signum)
+            pyfuse3.terminate()
+            return

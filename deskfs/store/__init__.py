@@ -1,0 +1,154 @@
+"""The workspace store on disk: `STORE/deskfs.db`, `STORE/objects/`, `STORE/run/`.
+
+Owns creating a store, opening it for exactly one daemon (an exclusive lock on `STORE/run/daemon.lock`
+held for the daemon's life), the commit window, durability on fsync, and the clean-shutdown mark that
+tells the next mount whether to run fsck first.
+
+Must never: be opened for writing by anything but the daemon or fsck; leave a half-written state
+that fsck cannot explain.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+from deskfs.errors import DeskfsError
+from deskfs.store import meta
+from deskfs.store.content import Content, SpaceGuard
+from deskfs.store.meta import Meta
+
+DB_NAME = "deskfs.db"
+
+
+def db_path(store_path: str) -> str:
+    return os.path.join(store_path, DB_NAME)
+
+
+def lock_path(store_path: str) -> str:
+    return os.path.join(store_path, "run", "daemon.lock")
+
+
+def log_path(store_path: str) -> str:
+    return os.path.join(store_path, "run", "daemon.log")
+
+
+def init_store(store_path: str, uid: int, gid: int) -> None:
+    """Create an empty store; refuses a folder that already holds one or anything else."""
+    store_path = os.path.abspath(store_path)
+    if os.path.exists(db_path(store_path)):
+        raise DeskfsError(f"{store_path} is already a deskfs store")
+    if os.path.exists(store_path) and (not os.path.isdir(store_path) or os.listdir(store_path)):
+        raise DeskfsError(f"{store_path} exists and is not an empty folder")
+    os.makedirs(os.path.join(store_path, "run"), exist_ok=True)
+    Content.create_layout(os.path.join(store_path, "objects"))
+    os.chmod(store_path, 0o700)
+    tmp = db_path(store_path) + ".new"
+    conn = meta.connect(tmp)
+    try:
+        meta.create_schema(conn, uid, gid, time.time_ns())
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    for leftover in (tmp + "-wal", tmp + "-shm"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    # The database appears whole or not at all: a crash during init leaves no half store.
+    os.rename(tmp, db_path(store_path))
+
+
+def check_is_store(store_path: str) -> None:
+    if not os.path.isdir(store_path):
+        raise DeskfsError(f"no deskfs store at {store_path} (create one with: deskfs init {store_path})")
+    if not os.path.isfile(db_path(store_path)):
+        raise DeskfsError(f"{store_path} is not a deskfs store (no {DB_NAME})")
+
+
+def take_daemon_lock(store_path: str) -> int | None:
+    """The exclusive lock one daemon (or fsck) holds on a store; None if someone else holds it."""
+    os.makedirs(os.path.dirname(lock_path(store_path)), exist_ok=True)
+    fd = os.open(lock_path(store_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def daemon_pid(store_path: str) -> int | None:
+    """The pid of the process holding the store (as it wrote it), or None if nobody holds it."""
+    fd = take_daemon_lock(store_path)
+    if fd is not None:
+        os.close(fd)
+        return None
+    try:
+        with open(lock_path(store_path)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+class Store:
+    """An opened store, owned by one process."""
+
+    def __init__(self, store_path: str, space_reserve: int | None = None) -> None:
+        self.path = os.path.abspath(store_path)
+        check_is_store(self.path)
+        self._lock_fd = take_daemon_lock(self.path)
+        if self._lock_fd is None:
+            raise DeskfsError(f"store {self.path} is already in use by a running deskfs (unmount it first)")
+        try:
+            self.conn = meta.connect(db_path(self.path))
+            self.meta = Meta(self.conn)
+            self._check_format()
+        except Exception:
+            os.close(self._lock_fd)
+            raise
+        self.content = Content(os.path.join(self.path, "objects"), SpaceGuard(self.path, space_reserve))
+        self.was_clean = self.meta.setting("clean") == "1"
+
+    def _check_format(self) -> None:
+        version = int(self.meta.setting("format_version", "0") or 0)
+        if version > meta.FORMAT_VERSION:
+            raise DeskfsError(
+                f"store {self.path} has format {version}, newer than this deskfs understands"
+                f" ({meta.FORMAT_VERSION}); upgrade deskfs"
+            )
+        if version < 1:
+            raise DeskfsError(f"{self.path} is not a deskfs store (no format version)")
+
+    def mark_in_use(self) -> None:
+        """From now until `close`, a crash leaves the store marked for fsck."""
+        self.meta.set_setting("clean", "0")
+        self.meta.commit()
+
+    def commit(self) -> None:
+        """End the commit window: dirty inodes and every pending change become one transaction."""
+        if self.meta.has_pending:
+            self.meta.commit()
+
+    def sync(self) -> None:
+        """Commit and make the commit durable (a client's fsync waits for this)."""
+        self.commit()
+        wal = db_path(self.path) + "-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self, clean: bool = True) -> None:
+        self.content.close_all()
+        if clean:
+            self.meta.set_setting("clean", "1")
+            self.meta.commit()
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+        os.close(self._lock_fd)
