@@ -18,11 +18,10 @@ import subprocess
 import sys
 from typing import Any, Callable
 
-import sqlite_utils
-
 from deskfs import mounts
 from deskfs.errors import EXIT_REFUSED, EXIT_USAGE, DeskfsError
 from deskfs.store import Store, check_is_store, db_path, init_store, lock_path, log_path
+from deskfs.store.meta import Meta
 
 UNMOUNT_WAIT_SECONDS = 120
 
@@ -75,7 +74,7 @@ def _mount_foreground(args: argparse.Namespace, store: str) -> int:
             channel.write("ok\n" + "".join(f"{line}\n" for line in repairs))
 
     try:
-        serve(store, args.mountpoint, args.allow_other, ready)
+        serve(store, args.mountpoint, args.allow_other, ready, busy_poll_us=args.busy_poll_us)
     except DeskfsError as exc:
         if ready_fd is None:
             raise
@@ -90,6 +89,7 @@ def _mount_background(args: argparse.Namespace, store: str) -> int:
     command = [sys.executable, "-m", "deskfs", "mount", "--foreground", "--ready-fd", str(write_end)]
     if args.allow_other:
         command.append("--allow-other")
+    command += ["--busy-poll-us", str(args.busy_poll_us)]
     command += [store, args.mountpoint]
     os.makedirs(os.path.dirname(log_path(store)), exist_ok=True)
     with open(log_path(store), "ab") as daemon_log:
@@ -147,11 +147,7 @@ def _wait_for_daemon(store: str) -> None:
 def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
     conn = sqlite3.connect(f"file:{db_path(mount.store)}?mode=ro", uri=True)
     try:
-        db = sqlite_utils.Database(conn)
-        files = db["inodes"].count - 1
-        size = db.execute(
-            "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE mode & 61440 = 32768"
-        ).fetchone()[0]
+        files, size = Meta(conn).totals()
     finally:
         conn.close()
     return {"mountpoint": mount.mountpoint, "store": mount.store, "files": files, "bytes": size}
@@ -214,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("mountpoint")
     sub.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
     sub.add_argument("--allow-other", action="store_true", help="let other Unix users use the mount")
+    sub.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+                     help="after each request, poll for the next one for US microseconds before sleeping"
+                          " (faster bursts of small requests, at the cost of a busy core; default 0: off)")
     sub.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sub = command("unmount", cmd_unmount, "unmount a workspace and wait for its daemon to finish")

@@ -42,6 +42,7 @@ def fuse_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(*args: Any) -> Any:
+        args[0].on_request()
         try:
             return fn(*args)
         except pyfuse3.FUSEError:
@@ -87,6 +88,8 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._with_capabilities = self.meta.inodes_with_xattr(SECURITY_CAPABILITY)
+        # Called at the start of every request; the daemon may hook a busy poller to it.
+        self.on_request: Callable[[], None] = lambda: None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -185,8 +188,12 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(inode, fd, flags)
-        # keep_cache: every change to a body passes through this kernel's page cache, so it is never stale.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A write-only handle bypasses the page cache: each write() is then one request instead of two
+        # (a cached write first asks for security.capability), and large writes go through unsplit.
+        # Other handles' cached pages stay right: every write changes mtime, and the kernel drops pages
+        # whose file's mtime changed (auto_inval_data) before it serves them again.
+        write_only = flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not write_only, direct_io=write_only)
 
     # -- lookups and attributes ---------------------------------------------------------------
 

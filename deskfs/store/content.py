@@ -1,4 +1,4 @@
-"""File bodies: one backing file per regular inode under `STORE/objects/XX/INODE`.
+"""File bodies: one backing file per regular inode under `STORE/objects/BUCKET/INODE`.
 
 Owns the backing files, the descriptors open on them (one per inode, shared by every handle) and
 the space guard that keeps room for the metadata database so a full disk never corrupts the store.
@@ -13,7 +13,9 @@ import errno
 import os
 import time
 
-FANOUT = 256
+# Inodes are numbered in creation order, so consecutive files share a bucket folder: creating files
+# spread over many folders costs ext4 a journal block per folder (measured 1.2 ms against 40 us).
+BUCKET_SHIFT = 12
 
 
 class SpaceGuard:
@@ -68,11 +70,18 @@ class Content:
 
     @staticmethod
     def create_layout(objects_dir: str) -> None:
-        for bucket in range(FANOUT):
-            os.makedirs(os.path.join(objects_dir, f"{bucket:02x}"), exist_ok=True)
+        os.makedirs(objects_dir, exist_ok=True)
 
     def path(self, ino: int) -> str:
-        return os.path.join(self.objects_dir, f"{ino % FANOUT:02x}", str(ino))
+        return os.path.join(self.objects_dir, f"{ino >> BUCKET_SHIFT:x}", str(ino))
+
+    def _open_body(self, ino: int) -> int:
+        path = self.path(ino)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     # -- descriptors shared by handles --------------------------------------------------------
 
@@ -80,7 +89,7 @@ class Content:
         """A read-write descriptor on the inode's body, created empty if it has none yet."""
         fd = self._fds.get(ino)
         if fd is None:
-            fd = self._fds[ino] = os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._fds[ino] = self._open_body(ino)
             self._users[ino] = 0
         self._users[ino] += 1
         return fd
@@ -112,7 +121,7 @@ class Content:
             # Nothing to keep: no body is the same as an empty one, and costs no inode on disk.
             self.delete(ino)
         else:
-            fd = os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._open_body(ino)
             try:
                 os.ftruncate(fd, size)
             finally:

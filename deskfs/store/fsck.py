@@ -16,11 +16,11 @@ import time
 
 from deskfs.errors import DeskfsError
 from deskfs.store import Store
-from deskfs.store.meta import ROOT_INODE
+from deskfs.store.meta import ROOT_INODE, S_IFMT_MASK
 
 LOST_AND_FOUND = b"lost+found"
-_IS_DIR = f"(mode & {stat.S_IFMT}) = {stat.S_IFDIR}"
-_IS_REG = f"(mode & {stat.S_IFMT}) = {stat.S_IFREG}"
+_IS_DIR = f"(mode & {S_IFMT_MASK}) = {stat.S_IFDIR}"
+_IS_REG = f"(mode & {S_IFMT_MASK}) = {stat.S_IFREG}"
 
 
 def fsck(store: Store) -> list[str]:

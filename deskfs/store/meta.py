@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass
 
 ROOT_INODE = 1
+S_IFMT_MASK = 0o170000  # the file-type bits of st_mode (stat.S_IFMT is a function)
 FORMAT_VERSION = 1
 
 SCHEMA = """
@@ -298,6 +299,6 @@ class Meta:
         """(number of files and folders, bytes in regular files), the root excluded."""
         count, size = self.conn.execute(
             "SELECT COUNT(*) - 1, COALESCE(SUM(CASE WHEN mode & ? = ? THEN size END), 0) FROM inodes",
-            (stat.S_IFMT, stat.S_IFREG),
+            (S_IFMT_MASK, stat.S_IFREG),
         ).fetchone()
         return count, size
