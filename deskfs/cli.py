@@ -8,19 +8,22 @@ Must never: print a traceback for anything a user did; write the database behind
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from typing import Any, Callable
 
 from deskfs import mounts
 from deskfs.errors import EXIT_REFUSED, EXIT_USAGE, DeskfsError
-from deskfs.store import Store, check_is_store, db_path, init_store, lock_path, log_path
+from deskfs.store import Store, check_is_store, control_socket_path, db_path, init_store, lock_path, log_path
 from deskfs.store.meta import Meta
 
 UNMOUNT_WAIT_SECONDS = 120
@@ -190,6 +193,111 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- agents and locks -------------------------------------------------------------------------
+
+LOCK_XATTR = "user.deskfs.lock"
+WAIT_POLL_MAX = 0.1  # seconds between tries of `deskfs lock --wait`
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    mount = mounts.resolve_workspace(args.mount)
+    print(os.getxattr(mount.mountpoint, "user.deskfs.whoami").decode())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise DeskfsError("deskfs run: no command given (deskfs run --agent NAME -- COMMAND ...)", EXIT_USAGE)
+    mount = mounts.resolve_workspace(args.mount)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        try:
+            control.connect(control_socket_path(mount.store))
+        except OSError as exc:
+            raise DeskfsError(f"cannot reach the deskfs daemon of {mount.mountpoint}: {exc.strerror}") from None
+        control.sendall(json.dumps({"op": "session", "agent": args.agent}).encode() + b"\n")
+        answer = json.loads(control.makefile("rb").readline() or b'{"error": "the daemon closed the connection"}')
+        if "error" in answer:
+            raise DeskfsError(f"deskfs run: {answer['error']}")
+        try:
+            return subprocess.run(command).returncode
+        except FileNotFoundError:
+            raise DeskfsError(f"deskfs run: command not found: {command[0]}", 127) from None
+
+
+def _lock_holders(path: str) -> str:
+    try:
+        lines = os.getxattr(path, LOCK_XATTR).decode().splitlines()
+    except OSError:
+        return "someone"
+    return "; ".join(" ".join(line.split()[:3]) for line in lines)
+
+
+def _workspace_path(path: str) -> str:
+    mounts.resolve_workspace(path)  # a one-line error, exit 2, outside any mount
+    return path
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    path = _workspace_path(args.path)
+    value = f"{'shared' if args.shared else 'exclusive'} ttl={args.ttl}" + ("" if args.renew else " new")
+    deadline = None if args.wait is None else time.monotonic() + args.wait
+    pause = 0.002
+    while True:
+        try:
+            os.setxattr(path, LOCK_XATTR, value.encode())
+            return 0
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise DeskfsError(f"deskfs lock: invalid lock request ({value})", EXIT_USAGE) from None
+            if exc.errno != errno.EBUSY:
+                raise
+        if deadline is None or time.monotonic() >= deadline:
+            waited = "" if deadline is None else f" (waited {args.wait:g} s)"
+            raise DeskfsError(f"{path} is locked by {_lock_holders(path)}{waited}")
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, WAIT_POLL_MAX)
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    path = _workspace_path(args.path)
+    try:
+        if args.force:
+            os.setxattr(path, LOCK_XATTR, b"break")
+        else:
+            os.removexattr(path, LOCK_XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise DeskfsError(f"{path} has no lease to release") from None
+        if exc.errno == errno.EPERM and args.force:
+            raise DeskfsError("only the workspace owner may break a lease") from None
+        if exc.errno == errno.EPERM:
+            raise DeskfsError(f"{path} is locked by {_lock_holders(path)}, not by you") from None
+        raise
+    return 0
+
+
+def cmd_locks(args: argparse.Namespace) -> int:
+    mount = mounts.resolve_workspace(args.path)
+    held = json.loads(os.getxattr(mount.mountpoint, "user.deskfs.locks"))
+    if args.path:
+        inside = "/" + os.path.relpath(os.path.abspath(args.path), mount.mountpoint)
+        inside = "/" if inside == "/." else inside
+        held = [h for h in held if h["path"] == inside or h["path"].startswith(inside.rstrip("/") + "/")]
+    for h in held:
+        h["path"] = os.path.join(mount.mountpoint, h["path"].lstrip("/"))
+    if args.json:
+        print(json.dumps(held, indent=2))
+        return 0
+    if not held:
+        print("no locks held")
+        return 0
+    for h in held:
+        expiry = f"  expires {h['expires']}" if h["expires"] else ""
+        print(f"{h['path']}  {h['kind']} {h['mode']}  {h['principal']}  pid {h['pid']}  since {h['since']}{expiry}")
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -224,6 +332,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("fsck", cmd_fsck, "check and repair an unmounted store")
     sub.add_argument("store")
+
+    sub = command("whoami", cmd_whoami, "the principal the mount sees for this process")
+    sub.add_argument("--mount", metavar="PATH")
+
+    sub = command("run", cmd_run, "run a command (and everything it starts) as an agent")
+    sub.add_argument("--agent", required=True, metavar="NAME")
+    sub.add_argument("--mount", metavar="PATH")
+    sub.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+
+    sub = command("lock", cmd_lock, "take (or renew) a lease on a file or folder")
+    sub.add_argument("path")
+    sub.add_argument("--shared", action="store_true", help="a shared lease (default: exclusive)")
+    sub.add_argument("--ttl", type=int, default=300, metavar="SECONDS", help="expiry (default 300, at most 86400)")
+    sub.add_argument("--wait", type=float, nargs="?", const=float("inf"), metavar="SECONDS",
+                     help="wait until the lease can be taken (for at most SECONDS)")
+    sub.add_argument("--renew", action="store_true", help="renew a lease this principal already holds")
+
+    sub = command("unlock", cmd_unlock, "release your lease (--force: break every lease; owner only)")
+    sub.add_argument("path")
+    sub.add_argument("--force", action="store_true")
+
+    sub = command("locks", cmd_locks, "every lock held in the workspace (or under PATH)")
+    sub.add_argument("path", nargs="?")
+    sub.add_argument("--json", action="store_true")
     return parser
 
 

@@ -21,8 +21,12 @@ from typing import Any, Callable, Sequence
 
 import pyfuse3
 
+from deskfs import virtual_xattrs
+from deskfs.identity import Identity
+from deskfs.locks import KernelLocks, Leases, LockError, LockTable
 from deskfs.store import Store
-from deskfs.store.meta import Inode
+from deskfs.store.meta import ROOT_INODE, Inode
+from deskfs.virtual_xattrs import VirtualXattrs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ def fuse_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args)
         except pyfuse3.FUSEError:
             raise
+        except LockError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
@@ -72,6 +78,7 @@ class Handle:
     inode: Inode
     fd: int
     flags: int
+    principal: str
 
 
 class Operations(pyfuse3.Operations):
@@ -88,8 +95,36 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._with_capabilities = self.meta.inodes_with_xattr(SECURITY_CAPABILITY)
+        self.identity = Identity(store.conn, self._log_impersonation)
+        self.leases = Leases(store.conn)
+        self.locks: LockTable | None = None  # needs the mount's device: see observe_kernel_locks
+        self.virtual: VirtualXattrs | None = None
         # Called at the start of every request; the daemon may hook a busy poller to it.
         self.on_request: Callable[[], None] = lambda: None
+
+    def observe_kernel_locks(self, device: tuple[int, int]) -> None:
+        """Start answering for locks, once the mount exists and its device number is known."""
+        kernel = KernelLocks(device, self.identity.principal_of_pid)
+        self.locks = LockTable(kernel, self.leases, self.meta.parent_of, ROOT_INODE)
+        self.virtual = VirtualXattrs(self.identity, self.locks, self.meta, self.store.owner_uid)
+
+    # -- identity and locks -------------------------------------------------------------------
+
+    @staticmethod
+    def _log_impersonation(pid: int, uid: int, agent: str, how: str) -> None:
+        log.warning("denied: pid %d (uid %d) claimed agent:%s through %s, bound to another user", pid, uid, agent, how)
+
+    def _principal(self, ctx: pyfuse3.RequestContext) -> str:
+        return self.identity.principal(ctx.pid, ctx.uid)
+
+    def _check_change(self, principal: str, *targets: int) -> None:
+        """EBUSY if another principal's lock forbids `principal` to change `targets` now."""
+        if self.locks is None:
+            return
+        holder = self.locks.blocker(targets, principal)
+        if holder is not None:
+            log.info("denied: %s may not change inode(s) %s: %s", principal, targets, holder.describe())
+            raise fail(errno.EBUSY)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -142,6 +177,7 @@ class Operations(pyfuse3.Operations):
             self.meta.evict(ino)
             return
         self.meta.delete_inode(ino)
+        self.leases.drop_inode(ino)
         self._with_capabilities.discard(ino)
         if inode.is_regular:
             self.content.delete(ino)
@@ -155,6 +191,7 @@ class Operations(pyfuse3.Operations):
         folder = self._inode(parent)
         if self.meta.lookup(parent, name) is not None:
             raise fail(errno.EEXIST)
+        self._check_change(self._principal(ctx), parent)
         gid = ctx.gid
         if folder.mode & stat.S_ISGID:
             # BSD group semantics in a setgid folder: the group is inherited, and so is the bit by folders.
@@ -183,11 +220,11 @@ class Operations(pyfuse3.Operations):
         inode.size = size
         self._touch(inode, now)
 
-    def _new_handle(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+    def _new_handle(self, inode: Inode, flags: int, principal: str) -> pyfuse3.FileInfo:
         fd = self.content.acquire(inode.id)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(inode, fd, flags)
+        self.handles[fh] = Handle(inode, fd, flags, principal)
         # A write-only handle bypasses the page cache: each write() is then one request instead of two
         # (a cached write first asks for security.capability), and large writes go through unsplit.
         # Other handles' cached pages stay right: every write changes mtime, and the kernel drops pages
@@ -238,6 +275,8 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         inode = self._inode(ino)
+        principal = self.handles[fh].principal if fh is not None and fh in self.handles else self._principal(ctx)
+        self._check_change(principal, ino)
         now = time.time_ns()
         if fields.update_size:
             self._truncate(inode, attr.st_size, now)
@@ -309,6 +348,7 @@ class Operations(pyfuse3.Operations):
         folder = self._inode(new_parent)
         if self.meta.lookup(new_parent, new_name) is not None:
             raise fail(errno.EEXIST)
+        self._check_change(self._principal(ctx), ino, new_parent)
         now = time.time_ns()
         self.meta.add_entry(new_parent, new_name, ino)
         inode.nlink += 1
@@ -322,6 +362,7 @@ class Operations(pyfuse3.Operations):
         inode = self._child(parent, name)
         if inode.is_dir:
             raise fail(errno.EISDIR)
+        self._check_change(self._principal(ctx), inode.id, parent)
         now = time.time_ns()
         self.meta.remove_entry(parent, name)
         self._touch(self._inode(parent), now)
@@ -334,6 +375,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.ENOTDIR)
         if self.meta.has_entries(inode.id):
             raise fail(errno.ENOTEMPTY)
+        self._check_change(self._principal(ctx), inode.id, parent)
         now = time.time_ns()
         folder = self._inode(parent)
         self.meta.remove_entry(parent, name)
@@ -354,6 +396,8 @@ class Operations(pyfuse3.Operations):
         moved = self._child(parent_old, name_old)
         check_name(name_new)
         target_ino = self.meta.lookup(parent_new, name_new)
+        targets = (moved.id, parent_old, parent_new) + ((target_ino,) if target_ino is not None else ())
+        self._check_change(self._principal(ctx), *targets)
         if flags & pyfuse3.RENAME_NOREPLACE and target_ino is not None:
             raise fail(errno.EEXIST)
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -417,16 +461,18 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         inode = self._inode(ino)
+        principal = self._principal(ctx)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._check_change(principal, ino)
             self._truncate(inode, 0, time.time_ns())
-        return self._new_handle(inode, flags)
+        return self._new_handle(inode, flags, principal)
 
     @fuse_handler
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         inode = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, ctx)
-        return self._new_handle(inode, flags), self._counted(inode)
+        return self._new_handle(inode, flags, self._principal(ctx)), self._counted(inode)
 
     @fuse_handler
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -436,6 +482,7 @@ class Operations(pyfuse3.Operations):
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         inode = handle.inode
+        self._check_change(handle.principal, inode.id)
         written = self.content.write(handle.fd, offset, data, inode.size)
         if offset + written > inode.size:
             inode.size = offset + written
@@ -513,6 +560,8 @@ class Operations(pyfuse3.Operations):
         # The kernel asks this before every write(): answer from memory.
         if name == SECURITY_CAPABILITY and ino not in self._with_capabilities:
             raise fail(errno.ENODATA)
+        if virtual_xattrs.is_virtual(name) and self.virtual is not None:
+            return self.virtual.get(ino, name, self._principal(ctx))
         self._check_xattr_name(name, ctx, changing=False)
         value = self.meta.xattr(ino, name)
         if value is None:
@@ -532,6 +581,11 @@ class Operations(pyfuse3.Operations):
         if len(value) > XATTR_SIZE_MAX:
             raise fail(errno.E2BIG)
         inode = self._inode(ino)
+        principal = self._principal(ctx)
+        if virtual_xattrs.is_virtual(name) and self.virtual is not None:
+            self.virtual.set(ino, name, value, principal, ctx.pid, ctx.uid)
+            return
+        self._check_change(principal, ino)
         self.content.guard.claim(len(name) + len(value))
         self.meta.set_xattr(ino, name, value)
         if name == SECURITY_CAPABILITY:
@@ -543,6 +597,11 @@ class Operations(pyfuse3.Operations):
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_xattr_name(name, ctx, changing=True)
         inode = self._inode(ino)
+        principal = self._principal(ctx)
+        if virtual_xattrs.is_virtual(name) and self.virtual is not None:
+            self.virtual.remove(ino, name, principal)
+            return
+        self._check_change(principal, ino)
         if not self.meta.remove_xattr(ino, name):
             raise fail(errno.ENODATA)
         if name == SECURITY_CAPABILITY:

@@ -18,15 +18,16 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from deskfs import mounts
+from deskfs import control, mounts
 from deskfs.errors import DeskfsError
 from deskfs.fs import Operations
-from deskfs.store import Store
+from deskfs.store import Store, control_socket_path
 from deskfs.store.fsck import fsck
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.05  # seconds; a metadata change is durable against a daemon crash within this
+LEASE_EXPIRY_INTERVAL = 0.25  # seconds between sweeps of expired leases
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -62,7 +63,7 @@ def serve(
 
     `ready` is called once the mount is in place, with the repairs fsck made before it (if any).
     """
-    mountpoint = os.path.abspath(mountpoint)
+    mountpoint = os.path.realpath(mountpoint)  # resolved now: once mounted, the daemon must not stat it
     check_mountpoint(mountpoint)
     store = Store(store_path)
     try:
@@ -75,6 +76,10 @@ def serve(
         except RuntimeError as exc:
             raise DeskfsError(f"cannot mount at {mountpoint}: {exc} (see the kernel log)") from None
         store.mark_in_use()
+        mount = mounts.mount_at(mountpoint, resolved=True)
+        if mount is None:
+            raise DeskfsError(f"mounted at {mountpoint}, but the mount is not visible in /proc/self/mountinfo")
+        operations.observe_kernel_locks(mount.device)
     except BaseException:
         store.close(clean=store.was_clean)
         raise
@@ -91,7 +96,9 @@ def serve(
 async def _run(store: Store, operations: Operations, commit_interval: float, busy_poll_us: int) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_commit_window, store, commit_interval)
+        nursery.start_soon(_expire_leases, operations)
         nursery.start_soon(_stop_on_signal)
+        await nursery.start(control.serve, control_socket_path(store.path), operations)
         if busy_poll_us > 0:
             nursery.start_soon(BusyPoller(busy_poll_us / 1e6).run, operations)
         # Handlers never await, so one task serves requests best (no task switching per request).
@@ -107,6 +114,13 @@ async def _commit_window(store: Store, interval: float) -> None:
         except Exception:
             # Kept open and retried at the next window: the space guard leaves room, so this is rare.
             log.exception("commit failed; retrying")
+
+
+async def _expire_leases(operations: Operations) -> None:
+    while True:
+        await trio.sleep(LEASE_EXPIRY_INTERVAL)
+        for inode, holder in operations.leases.expire():
+            log.info("lease expired: inode %d, %s", inode, holder.describe())
 
 
 async def _stop_on_signal() -> None:

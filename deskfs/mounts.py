@@ -20,6 +20,7 @@ class Mount:
     store: str
     mountpoint: str
     options: str
+    device: tuple[int, int]  # (major, minor): the mount's st_dev, as /proc/locks names it
 
 
 def _unescape(field: str) -> str:
@@ -35,12 +36,15 @@ def mounted() -> list[Mount]:
             separator = fields.index("-")
             fs_type, source = fields[separator + 1], fields[separator + 2]
             if fs_type == FS_TYPE:
-                found.append(Mount(_unescape(source), _unescape(fields[4]), fields[5]))
+                major, minor = fields[2].split(":")
+                found.append(Mount(_unescape(source), _unescape(fields[4]), fields[5], (int(major), int(minor))))
     return found
 
 
-def mount_at(mountpoint: str) -> Mount | None:
-    mountpoint = os.path.realpath(mountpoint)
+def mount_at(mountpoint: str, resolved: bool = False) -> Mount | None:
+    """The deskfs mount at `mountpoint`; `resolved` if the path is already real (nothing is stat-ed then)."""
+    if not resolved:
+        mountpoint = os.path.realpath(mountpoint)
     return next((m for m in mounted() if m.mountpoint == mountpoint), None)
 
 

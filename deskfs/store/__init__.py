@@ -43,19 +43,38 @@ def init_store(store_path: str, uid: int, gid: int) -> None:
         raise DeskfsError(f"{store_path} exists and is not an empty folder")
     os.makedirs(os.path.join(store_path, "run"), exist_ok=True)
     Content.create_layout(os.path.join(store_path, "objects"))
-    os.chmod(store_path, 0o700)
     tmp = db_path(store_path) + ".new"
     conn = meta.connect(tmp)
     try:
         meta.create_schema(conn, uid, gid, time.time_ns())
+        conn.execute("INSERT INTO settings (key, value) VALUES ('owner_uid', ?)", (str(uid),))
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
     for leftover in (tmp + "-wal", tmp + "-shm"):
         if os.path.exists(leftover):
             os.unlink(leftover)
+    os.chmod(tmp, 0o600)
     # The database appears whole or not at all: a crash during init leaves no half store.
     os.rename(tmp, db_path(store_path))
+    set_access_modes(store_path)
+
+
+def control_socket_path(store_path: str) -> str:
+    return os.path.join(store_path, "run", "ctl.sock")
+
+
+def set_access_modes(store_path: str) -> None:
+    """Any local user may reach the control socket (it decides by peer credentials); nothing else is theirs.
+
+    The store and run/ can be traversed but not listed; the database, bodies, lock and log are the owner's.
+    """
+    os.chmod(store_path, 0o711)
+    os.chmod(os.path.join(store_path, "run"), 0o711)
+    os.chmod(os.path.join(store_path, "objects"), 0o700)
+    for private in (db_path(store_path), lock_path(store_path), log_path(store_path)):
+        if os.path.exists(private):
+            os.chmod(private, 0o600)
 
 
 def check_is_store(store_path: str) -> None:
@@ -110,6 +129,16 @@ class Store:
             raise
         self.content = Content(os.path.join(self.path, "objects"), SpaceGuard(self.path, space_reserve))
         self.was_clean = self.meta.setting("clean") == "1"
+        set_access_modes(self.path)
+
+    @property
+    def owner_uid(self) -> int:
+        """The workspace owner: the Unix user who ran `deskfs init`."""
+        recorded = self.meta.setting("owner_uid")
+        if recorded is not None:
+            return int(recorded)
+        root = self.meta.get(meta.ROOT_INODE)
+        return root.uid if root is not None else 0
 
     def _check_format(self) -> None:
         version = int(self.meta.setting("format_version", "0") or 0)

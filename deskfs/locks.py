@@ -1,0 +1,279 @@
+"""Locks, one view of two kinds, and the answer to "may principal P change inode I now?".
+
+Kernel locks (`flock`, `fcntl`, OFD) on the mount are enforced by the kernel among local processes; this
+module only observes them in `/proc/locks` (filtered by the mount's device) and attributes each to its
+holder's principal. Leases are deskfs's own: taken through the `user.deskfs.lock` xattr, the CLI or MCP,
+kept in SQLite (they survive a restart), ended by release, expiry, `break`, or the end of the
+`deskfs run` session that took them.
+
+Must never: block a read; treat a byte-range fcntl lock as whole-file (databases share files through
+byte ranges); trust a lease past its expiry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+EXCLUSIVE = "exclusive"
+SHARED = "shared"
+DEFAULT_TTL = 300
+MAX_TTL = 24 * 3600
+UNKNOWN = "unknown"  # OFD locks show no pid: their holder cannot be named, and they are not enforced
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    inode      INTEGER NOT NULL,
+    principal  TEXT NOT NULL,
+    mode       TEXT NOT NULL,
+    pid        INTEGER NOT NULL,
+    since_ns   INTEGER NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    session    INTEGER,
+    PRIMARY KEY (inode, principal)
+);
+"""
+
+
+class LockError(Exception):
+    """A lock request refused, with the errno the caller gets."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+@dataclass(frozen=True)
+class Holder:
+    kind: str  # flock | posix | ofd | lease
+    mode: str  # exclusive | shared
+    principal: str
+    pid: int
+    since_ns: int
+    expires_ns: int | None
+    whole: bool  # covers the whole file (every kind but a byte-range fcntl lock)
+
+    def describe(self) -> str:
+        line = f"{self.kind} {self.mode} {self.principal} pid={self.pid} since={iso(self.since_ns)}"
+        return line + (f" expires={iso(self.expires_ns)}" if self.expires_ns is not None else "")
+
+
+def iso(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    mode: str
+    ttl: int
+    only_if_free: bool
+
+    @staticmethod
+    def parse(value: bytes) -> "LeaseRequest":
+        """`exclusive|shared [ttl=SECONDS] [new]`; LockError(EINVAL) for anything else."""
+        words = value.decode("utf-8", "replace").split()
+        if not words or words[0] not in (EXCLUSIVE, SHARED):
+            raise LockError(errno.EINVAL, "lock mode must be exclusive or shared")
+        ttl, only_if_free = DEFAULT_TTL, False
+        for word in words[1:]:
+            if word == "new" and not only_if_free:
+                only_if_free = True
+            elif word.startswith("ttl=") and word[4:].isdigit() and 1 <= int(word[4:]) <= MAX_TTL:
+                ttl = int(word[4:])
+            else:
+                raise LockError(errno.EINVAL, f"bad lock option {word!r} (ttl=1..{MAX_TTL}, new)")
+        return LeaseRequest(words[0], ttl, only_if_free)
+
+
+def conflicts(mode: str, holder: Holder) -> bool:
+    return mode == EXCLUSIVE or holder.mode == EXCLUSIVE
+
+
+class KernelLocks:
+    """The kernel's locks on one mount, read from /proc/locks through a kept-open descriptor."""
+
+    def __init__(self, device: tuple[int, int], principal_of_pid: Callable[[int], str]) -> None:
+        self._token = f" {device[0]:02x}:{device[1]:02x}:".encode()
+        self._principal_of_pid = principal_of_pid
+        self._fd = os.open("/proc/locks", os.O_RDONLY | os.O_CLOEXEC)
+        self._first_seen: dict[tuple, int] = {}
+        self._last_text = b""
+        self._last: dict[int, list[Holder]] = {}
+
+    def _read(self) -> bytes:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def held(self) -> dict[int, list[Holder]]:
+        """Every lock held on the mount (not waited for), by inode."""
+        text = self._read()
+        if self._token not in text:
+            self._first_seen.clear()
+            self._last_text, self._last = b"", {}
+            return {}
+        if text == self._last_text:
+            return self._last
+        now = time.time_ns()
+        by_inode: dict[int, list[Holder]] = {}
+        seen: dict[tuple, int] = {}
+        for line in text.splitlines():
+            if self._token not in line or b"->" in line:
+                continue
+            fields = line.split()
+            kind, mode, pid = fields[1].decode(), fields[3], int(fields[4])
+            inode = int(fields[5].rsplit(b":", 1)[1])
+            whole = kind == "FLOCK" or (fields[6] == b"0" and fields[7] == b"EOF")
+            key = (kind, pid, inode, fields[6], fields[7], mode)
+            since = seen[key] = self._first_seen.get(key, now)
+            principal = UNKNOWN if pid <= 0 else self._principal_of_pid(pid)
+            holder = Holder(
+                {"FLOCK": "flock", "POSIX": "posix"}.get(kind, "ofd"),
+                EXCLUSIVE if mode == b"WRITE" else SHARED,
+                principal, pid, since, None, whole,
+            )
+            by_inode.setdefault(inode, []).append(holder)
+        self._first_seen = seen
+        self._last_text, self._last = text, by_inode
+        return by_inode
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class Leases:
+    """deskfs's own locks, by inode, mirrored in the `leases` table."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        conn.executescript(SCHEMA)
+        self._conn = conn
+        self.by_inode: dict[int, dict[str, Holder]] = {}
+        self._sessions: dict[tuple[int, str], int | None] = {}
+        now = time.time_ns()
+        for inode, principal, mode, pid, since, expires, session in conn.execute("SELECT * FROM leases"):
+            if expires > now and session is None:  # a session cannot outlive the daemon that knew it
+                self._remember(inode, Holder("lease", mode, principal, pid, since, expires, True), session)
+        self._write(lambda: conn.execute("DELETE FROM leases WHERE expires_ns <= ? OR session IS NOT NULL", (now,)))
+
+    def _write(self, change: Callable[[], object]) -> None:
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN IMMEDIATE")
+        change()
+
+    def _remember(self, inode: int, holder: Holder, session: int | None) -> None:
+        self.by_inode.setdefault(inode, {})[holder.principal] = holder
+        self._sessions[(inode, holder.principal)] = session
+
+    def held(self, inode: int) -> list[Holder]:
+        now = time.time_ns()
+        return [h for h in self.by_inode.get(inode, {}).values() if h.expires_ns > now]
+
+    def take(self, inode: int, principal: str, pid: int, request: LeaseRequest, session: int | None,
+             others: list[Holder]) -> Holder:
+        """Take or renew `principal`'s lease; `others` are the kernel locks on the inode."""
+        mine = self.by_inode.get(inode, {}).get(principal)
+        current = self.held(inode)
+        if request.only_if_free and current:
+            raise LockError(errno.EBUSY, "already locked")
+        for holder in current + others:
+            if holder.principal != principal and holder.whole and conflicts(request.mode, holder):
+                raise LockError(errno.EBUSY, f"locked by {holder.principal}")
+        now = time.time_ns()
+        since = mine.since_ns if mine is not None and mine.expires_ns > now else now
+        holder = Holder("lease", request.mode, principal, pid, since, now + request.ttl * 1_000_000_000, True)
+        self._remember(inode, holder, session)
+        self._write(lambda: self._conn.execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (inode, principal, holder.mode, pid, holder.since_ns, holder.expires_ns, session)))
+        return holder
+
+    def release(self, inode: int, principal: str) -> None:
+        current = self.held(inode)
+        if not any(h.principal == principal for h in current):
+            if current:
+                raise LockError(errno.EPERM, f"locked by {current[0].principal}")
+            raise LockError(errno.ENODATA, "not locked")
+        self._forget(inode, [principal])
+
+    def break_all(self, inode: int) -> None:
+        if not self.held(inode):
+            raise LockError(errno.ENODATA, "not locked")
+        self._forget(inode, list(self.by_inode.get(inode, {})))
+
+    def end_session(self, session: int) -> None:
+        for (inode, principal), owner in list(self._sessions.items()):
+            if owner == session:
+                self._forget(inode, [principal])
+
+    def expire(self) -> list[tuple[int, Holder]]:
+        now = time.time_ns()
+        gone = [(i, h) for i, held in self.by_inode.items() for h in held.values() if h.expires_ns <= now]
+        for inode, holder in gone:
+            self._forget(inode, [holder.principal])
+        return gone
+
+    def drop_inode(self, inode: int) -> None:
+        if inode in self.by_inode:
+            self._forget(inode, list(self.by_inode[inode]))
+
+    def _forget(self, inode: int, principals: Iterable[str]) -> None:
+        held = self.by_inode.get(inode, {})
+        for principal in principals:
+            held.pop(principal, None)
+            self._sessions.pop((inode, principal), None)
+            self._write(lambda p=principal: self._conn.execute(
+                "DELETE FROM leases WHERE inode=? AND principal=?", (inode, p)))
+        if not held:
+            self.by_inode.pop(inode, None)
+
+
+class LockTable:
+    """Both kinds together: who holds what, and whether a change may go ahead."""
+
+    def __init__(self, kernel: KernelLocks, leases: Leases, parent_of: Callable[[int], int], root: int) -> None:
+        self.kernel = kernel
+        self.leases = leases
+        self._parent_of = parent_of
+        self._root = root
+
+    def holders(self, inode: int) -> list[Holder]:
+        return self.kernel.held().get(inode, []) + self.leases.held(inode)
+
+    def all_holders(self) -> dict[int, list[Holder]]:
+        combined = {inode: list(held) for inode, held in self.kernel.held().items()}
+        for inode in list(self.leases.by_inode):
+            if held := self.leases.held(inode):
+                combined.setdefault(inode, []).extend(held)
+        return combined
+
+    def blocker(self, targets: Iterable[int], principal: str) -> Holder | None:
+        """The lock that forbids `principal` to change `targets` now, if any.
+
+        A target is blocked by another principal's whole-file lock on it; it and everything below a
+        folder is blocked by another principal's exclusive lock on that folder.
+        """
+        kernel = self.kernel.held()
+        if not kernel and not self.leases.by_inode:
+            return None
+        def others(inode: int) -> list[Holder]:
+            held = kernel.get(inode, []) + self.leases.held(inode)
+            return [h for h in held if h.whole and h.principal not in (principal, UNKNOWN)]
+
+        locked = set(kernel) | set(self.leases.by_inode)
+        for target in targets:
+            for holder in others(target):
+                return holder
+            inode = target
+            while inode != self._root:
+                inode = self._parent_of(inode)
+                if inode in locked:
+                    for holder in others(inode):
+                        if holder.mode == EXCLUSIVE:
+                            return holder
+        return None

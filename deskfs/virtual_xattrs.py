@@ -1,0 +1,84 @@
+"""The `user.deskfs.*` xattrs: identity and locks through plain getfattr/setfattr.
+
+- `user.deskfs.whoami` (get, any inode): the caller's principal.
+- `user.deskfs.lock` (get: every holder, one per line; set `exclusive|shared [ttl=S] [new]` takes or
+  renews a lease, set `break` removes every lease (workspace owner only); remove releases the caller's).
+- `user.deskfs.locks` (get, on the root): every lock in the workspace, as JSON.
+
+Owns the text formats of these values and who may do what with them.
+Must never: store anything in the real xattr table; let another principal release a lease.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+
+from deskfs.identity import Identity
+from deskfs.locks import Holder, LeaseRequest, LockError, LockTable, iso
+from deskfs.store.meta import ROOT_INODE, Meta
+
+PREFIX = b"user.deskfs."
+WHOAMI = b"user.deskfs.whoami"
+LOCK = b"user.deskfs.lock"
+LOCKS = b"user.deskfs.locks"
+BREAK = b"break"
+
+
+def is_virtual(name: bytes) -> bool:
+    return name.startswith(PREFIX)
+
+
+def holder_json(path: str, holder: Holder) -> dict:
+    return {
+        "path": path, "kind": holder.kind, "mode": holder.mode, "principal": holder.principal,
+        "pid": holder.pid, "since": iso(holder.since_ns),
+        "expires": iso(holder.expires_ns) if holder.expires_ns is not None else None,
+    }
+
+
+class VirtualXattrs:
+    def __init__(self, identity: Identity, locks: LockTable, meta: Meta, owner_uid: int) -> None:
+        self.identity = identity
+        self.locks = locks
+        self.meta = meta
+        self.owner_uid = owner_uid
+
+    def get(self, ino: int, name: bytes, principal: str) -> bytes:
+        if name == WHOAMI:
+            return principal.encode()
+        if name == LOCK:
+            holders = self.locks.holders(ino)
+            if not holders:
+                raise LockError(errno.ENODATA, "not locked")
+            return "\n".join(h.describe() for h in holders).encode()
+        if name == LOCKS and ino == ROOT_INODE:
+            return json.dumps(self.all_locks()).encode()
+        raise LockError(errno.ENODATA, "no such attribute")
+
+    def all_locks(self) -> list[dict]:
+        listed = []
+        for inode, holders in sorted(self.locks.all_holders().items()):
+            path = self.meta.path_of(inode)
+            if path is None:
+                continue
+            listed += [holder_json(path.decode("utf-8", "surrogateescape"), h) for h in holders]
+        return listed
+
+    def set(self, ino: int, name: bytes, value: bytes, principal: str, pid: int, uid: int) -> None:
+        if name != LOCK:
+            raise LockError(errno.EPERM, "read-only attribute")
+        if value.strip() == BREAK:
+            if uid != self.owner_uid:
+                raise LockError(errno.EPERM, "only the workspace owner may break a lease")
+            self.locks.leases.break_all(ino)
+            return
+        request = LeaseRequest.parse(value)
+        session = self.identity.session_of(pid, uid)
+        self.locks.leases.take(ino, principal, pid, request, session.id if session else None,
+                               self.locks.kernel.held().get(ino, []))
+
+    def remove(self, ino: int, name: bytes, principal: str) -> None:
+        if name != LOCK:
+            raise LockError(errno.EPERM, "read-only attribute")
+        self.locks.leases.release(ino, principal)
