@@ -220,9 +220,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "error" in answer:
             raise DeskfsError(f"deskfs run: {answer['error']}")
         try:
-            return subprocess.run(command).returncode
+            returncode = subprocess.run(command).returncode
         except FileNotFoundError:
             raise DeskfsError(f"deskfs run: command not found: {command[0]}", 127) from None
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, as shells say
 
 
 def _lock_holders(path: str) -> str:
