@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -23,7 +24,9 @@ from typing import Any, Callable
 
 from deskfs import mounts
 from deskfs.errors import EXIT_REFUSED, EXIT_USAGE, DeskfsError
-from deskfs.store import Store, check_is_store, control_socket_path, db_path, init_store, lock_path, log_path
+from deskfs.store import (
+    Store, check_is_store, control_socket_path, daemon_pid, db_path, init_store, lock_path, log_path,
+)
 from deskfs.store.meta import Meta
 
 UNMOUNT_WAIT_SECONDS = 120
@@ -31,7 +34,7 @@ UNMOUNT_WAIT_SECONDS = 120
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, as for every usage error
-        raise DeskfsError(f"{self.prog}: {message}", EXIT_USAGE)
+        raise DeskfsError(f"{message} (see: {self.prog} --help)", EXIT_USAGE)
 
 
 def _human_size(size: float) -> str:
@@ -118,18 +121,18 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     mount = mounts.mount_at(args.mountpoint)
     if mount is None:
         raise DeskfsError(f"{args.mountpoint} is not a deskfs mount")
+    daemon = daemon_pid(mount.store)
     result = subprocess.run(["fusermount3", "-u", mount.mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
         raise DeskfsError(f"cannot unmount {mount.mountpoint}: {reason} (is a file or folder in it still in use?)")
-    _wait_for_daemon(mount.store)
+    _wait_for_daemon(mount.store, daemon)
     print(f"deskfs: unmounted {mount.mountpoint}")
     return 0
 
 
-def _wait_for_daemon(store: str) -> None:
-    """Block until the daemon has closed the store (it releases its lock as it exits)."""
-    fd = os.open(lock_path(store), os.O_RDWR | os.O_CLOEXEC)
+def _wait_for_daemon(store: str, pid: int | None) -> None:
+    """Block until the daemon has closed the store and exited (then nothing of it holds the store's disk)."""
 
     def too_slow(signum: int, frame: Any) -> None:
         raise DeskfsError(f"unmounted, but the daemon of {store} has not finished after {UNMOUNT_WAIT_SECONDS} s")
@@ -137,11 +140,27 @@ def _wait_for_daemon(store: str) -> None:
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(UNMOUNT_WAIT_SECONDS)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fd = os.open(lock_path(store), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # released when the daemon has committed and closed the store
+        finally:
+            os.close(fd)
+        if pid is not None:
+            _wait_for_exit(pid)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-        os.close(fd)
+
+
+def _wait_for_exit(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
+    finally:
+        os.close(pidfd)
 
 
 # -- status and fsck --------------------------------------------------------------------------
@@ -208,7 +227,7 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
-        raise DeskfsError("deskfs run: no command given (deskfs run --agent NAME -- COMMAND ...)", EXIT_USAGE)
+        raise DeskfsError("no command given (deskfs run --agent NAME -- COMMAND ...)", EXIT_USAGE)
     mount = mounts.resolve_workspace(args.mount)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
         try:
@@ -218,11 +237,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         control.sendall(json.dumps({"op": "session", "agent": args.agent}).encode() + b"\n")
         answer = json.loads(control.makefile("rb").readline() or b'{"error": "the daemon closed the connection"}')
         if "error" in answer:
-            raise DeskfsError(f"deskfs run: {answer['error']}")
+            raise DeskfsError(answer["error"])
         try:
             returncode = subprocess.run(command).returncode
         except FileNotFoundError:
-            raise DeskfsError(f"deskfs run: command not found: {command[0]}", 127) from None
+            raise DeskfsError(f"command not found: {command[0]}", 127) from None
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, as shells say
 
 
@@ -250,7 +269,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
             return 0
         except OSError as exc:
             if exc.errno == errno.EINVAL:
-                raise DeskfsError(f"deskfs lock: invalid lock request ({value})", EXIT_USAGE) from None
+                raise DeskfsError(f"invalid lock request ({value})", EXIT_USAGE) from None
             if exc.errno != errno.EBUSY:
                 raise
         if deadline is None or time.monotonic() >= deadline:

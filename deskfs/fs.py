@@ -46,7 +46,6 @@ def fuse_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(*args: Any) -> Any:
-        args[0].on_request()
         try:
             return fn(*args)
         except pyfuse3.FUSEError:
@@ -99,8 +98,6 @@ class Operations(pyfuse3.Operations):
         self.leases = Leases(store.conn)
         self.locks: LockTable | None = None  # needs the mount's device: see observe_kernel_locks
         self.virtual: VirtualXattrs | None = None
-        # Called at the start of every request; the daemon may hook a busy poller to it.
-        self.on_request: Callable[[], None] = lambda: None
 
     def observe_kernel_locks(self, device: tuple[int, int]) -> None:
         """Start answering for locks, once the mount exists and its device number is known."""
