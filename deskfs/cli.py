@@ -215,7 +215,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 # -- agents and locks -------------------------------------------------------------------------
 
 LOCK_XATTR = "user.deskfs.lock"
-WAIT_POLL_MAX = 0.1  # seconds between tries of `deskfs lock --wait`
+WAIT_POLL_MAX = 0.02  # seconds between tries of `deskfs lock --wait`
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:
@@ -379,9 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_takes_no_path(argv: list[str]) -> list[str]:
+    """`deskfs lock --wait PATH`: --wait takes a number of seconds only when one follows it."""
+    fixed = list(argv)
+    for i, word in enumerate(fixed[:-1]):
+        if word == "--wait":
+            try:
+                float(fixed[i + 1])
+            except ValueError:
+                fixed[i] = "--wait=inf"
+    return fixed
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_wait_takes_no_path(sys.argv[1:] if argv is None else argv))
         return args.handler(args)
     except DeskfsError as exc:
         print(f"deskfs: {exc}", file=sys.stderr)

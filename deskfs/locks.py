@@ -23,7 +23,7 @@ EXCLUSIVE = "exclusive"
 SHARED = "shared"
 DEFAULT_TTL = 300
 MAX_TTL = 24 * 3600
-UNKNOWN = "unknown"  # OFD locks show no pid: their holder cannot be named, and they are not enforced
+UNKNOWN = "unknown"  # a holder that could not be named (it vanished): not enforced against anyone
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -93,6 +93,33 @@ def conflicts(mode: str, holder: Holder) -> bool:
     return mode == EXCLUSIVE or holder.mode == EXCLUSIVE
 
 
+def find_ofd_holder(lock: bytes) -> int:
+    """The lowest pid with an open file that holds this OFD lock (`OFDLCK ADVISORY WRITE -1 DEV:INO 0 EOF`).
+
+    Scans every process's fdinfo, so it runs once per new OFD lock, not per check. When several processes
+    share the open file description, the lowest pid (usually the one that opened it) is named; -1 if the
+    holder is gone.
+    """
+    wanted = b" ".join(lock.split())
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            if b"OFDLCK" in info and any(
+                b" ".join(line.split(b":", 2)[-1].split()) == wanted
+                for line in info.splitlines() if line.startswith(b"lock:")
+            ):
+                return pid
+    return -1
+
+
 class KernelLocks:
     """The kernel's locks on one mount, read from /proc/locks through a kept-open descriptor."""
 
@@ -101,6 +128,7 @@ class KernelLocks:
         self._principal_of_pid = principal_of_pid
         self._fd = os.open("/proc/locks", os.O_RDONLY | os.O_CLOEXEC)
         self._first_seen: dict[tuple, int] = {}
+        self._ofd_holders: dict[tuple, int] = {}
         self._last_text = b""
         self._last: dict[int, list[Holder]] = {}
 
@@ -132,6 +160,9 @@ class KernelLocks:
             whole = kind == "FLOCK" or (fields[6] == b"0" and fields[7] == b"EOF")
             key = (kind, pid, inode, fields[6], fields[7], mode)
             since = seen[key] = self._first_seen.get(key, now)
+            if pid <= 0:  # an OFD lock: /proc/locks names no process, /proc/PID/fdinfo does
+                pid = self._ofd_holders.get(key) or find_ofd_holder(line.split(b":", 1)[1].strip())
+                self._ofd_holders[key] = pid
             principal = UNKNOWN if pid <= 0 else self._principal_of_pid(pid)
             holder = Holder(
                 {"FLOCK": "flock", "POSIX": "posix"}.get(kind, "ofd"),
@@ -140,6 +171,7 @@ class KernelLocks:
             )
             by_inode.setdefault(inode, []).append(holder)
         self._first_seen = seen
+        self._ofd_holders = {key: pid for key, pid in self._ofd_holders.items() if key in seen}
         self._last_text, self._last = text, by_inode
         return by_inode
 

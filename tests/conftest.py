@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Iterator
 
@@ -113,3 +115,86 @@ def run(cmd: list[str] | str, cwd: Path | str, check: bool = True, **kwargs) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+PY = "/usr/bin/python3"  # readable by every user (the venv's interpreter lives under /root)
+
+
+def as_user(user: pwd.struct_passwd | None) -> list[str]:
+    """The command prefix that runs a program as `user` (nothing for root)."""
+    if user is None:
+        return []
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
+
+
+def py(code: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool = True,
+       **kwargs) -> subprocess.CompletedProcess:
+    """Run a python snippet in its own process (as `user` if given)."""
+    return run([*as_user(user), PY, "-c", textwrap.dedent(code)], cwd=cwd, check=check, **kwargs)
+
+
+OUTCOME = """
+import errno, os, sys
+try:
+{}
+except OSError as e:
+    # EOPNOTSUPP by its usual name (errno.errorcode says ENOTSUP, its alias on Linux)
+    print('EOPNOTSUPP' if e.errno == errno.EOPNOTSUPP else errno.errorcode[e.errno])
+    sys.exit(0)
+print('OK')
+"""
+
+
+def outcome(code: str, cwd: Path, user: pwd.struct_passwd | None = None) -> str:
+    """Run a snippet; 'OK' if it completes, else the errno name (e.g. 'EEXIST') of the OSError it raised."""
+    wrapped = OUTCOME.format(textwrap.indent(textwrap.dedent(code), "    "))
+    return py(wrapped, cwd, user).stdout.strip().splitlines()[-1]
+
+
+SQLITE_WRITER = """
+import sqlite3, sys
+path, writer, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conn = sqlite3.connect(path, isolation_level=None, timeout=60)
+conn.execute("PRAGMA busy_timeout=60000")
+sys.stdin.readline()  # start together: every writer is released at once
+for i in range(rows):
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO t (writer, seq, payload) VALUES (?, ?, ?)", (writer, i, f"{writer}-{i}" * 20))
+    if i % 10 == 0:
+        conn.execute("SELECT COUNT(*) FROM t").fetchone()
+    conn.execute("COMMIT")
+conn.close()
+"""
+
+SQLITE_SUMMARY = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+print(conn.execute("PRAGMA journal_mode").fetchone()[0])
+print(conn.execute("PRAGMA integrity_check").fetchone()[0])
+print(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+print(conn.execute("SELECT COUNT(DISTINCT writer || '-' || seq) FROM t").fetchone()[0])
+print(conn.execute("SELECT group_concat(n) FROM (SELECT COUNT(*) AS n FROM t GROUP BY writer ORDER BY writer)").fetchone()[0])
+"""
+
+
+def concurrent_sqlite_writers(db: Path, journal_mode: str, rows: int, envs: list[dict | None]) -> list[str]:
+    """One database, one writer process per entry of `envs` inserting `rows` rows each, all at once.
+
+    Returns [journal mode, integrity_check, rows, distinct rows, rows per writer joined by commas].
+    """
+    setup = (f"import sqlite3; c = sqlite3.connect({str(db)!r}, isolation_level=None);"
+             f" print(c.execute('PRAGMA journal_mode={journal_mode}').fetchone()[0]);"
+             " c.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, writer INT, seq INT, payload TEXT)')")
+    assert run([sys.executable, "-c", setup], cwd=db.parent, env=envs[0]).stdout.strip() == journal_mode
+    writers = [
+        subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, str(db), str(w), str(rows)], cwd=db.parent,
+                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for w, env in enumerate(envs)
+    ]
+    for proc in writers:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in writers:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    return run([sys.executable, "-c", SQLITE_SUMMARY, str(db)], cwd=db.parent, env=envs[-1]).stdout.split()

@@ -11,32 +11,12 @@ import os
 import select
 import sqlite3
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import Workspace, deskfs, run
+from conftest import PY, Workspace, deskfs, outcome, run
 
-PY = "/usr/bin/python3"
-
-
-OUTCOME = """
-import errno, os, sys
-try:
-{}
-except OSError as e:
-    # EOPNOTSUPP by its usual name (errno.errorcode says ENOTSUP, its alias on Linux)
-    print('EOPNOTSUPP' if e.errno == errno.EOPNOTSUPP else errno.errorcode[e.errno])
-    sys.exit(0)
-print('OK')
-"""
-
-
-def outcome(code: str, cwd: Path) -> str:
-    """Run a snippet in its own process; 'OK' if it completes, else the errno name of the OSError it raised."""
-    wrapped = OUTCOME.format(textwrap.indent(textwrap.dedent(code), "    "))
-    return run([PY, "-c", wrapped], cwd=cwd).stdout.strip().splitlines()[-1]
 
 
 RENAMEAT2 = """

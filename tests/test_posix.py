@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from conftest import PY, as_user, outcome, py, run
 
-PY = "/usr/bin/python3"  # readable by every user (the venv's interpreter lives under /root)
 TEST_USERS = ("deskfs-t1", "deskfs-t2")
 
 
@@ -38,36 +37,6 @@ def users() -> list[pwd.struct_passwd]:
                                     capture_output=True, text=True)
             assert result.returncode in (0, 9), result.stderr  # 9: created meanwhile by another run
     return [pwd.getpwnam(name) for name in TEST_USERS]
-
-
-def as_user(user: pwd.struct_passwd | None) -> list[str]:
-    if user is None:
-        return []
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
-
-
-def py(code: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool = True,
-       **kwargs) -> subprocess.CompletedProcess:
-    """Run a python snippet in its own process (as `user` if given)."""
-    return run([*as_user(user), PY, "-c", textwrap.dedent(code)], cwd=cwd, check=check, **kwargs)
-
-
-OUTCOME = """
-import errno, os, sys
-try:
-{}
-except OSError as e:
-    # EOPNOTSUPP by its usual name (errno.errorcode says ENOTSUP, its alias on Linux)
-    print('EOPNOTSUPP' if e.errno == errno.EOPNOTSUPP else errno.errorcode[e.errno])
-    sys.exit(0)
-print('OK')
-"""
-
-
-def outcome(code: str, cwd: Path, user: pwd.struct_passwd | None = None) -> str:
-    """Run a snippet; 'OK' if it completes, else the errno name (e.g. 'EEXIST') of the OSError it raised."""
-    wrapped = OUTCOME.format(textwrap.indent(textwrap.dedent(code), "    "))
-    return py(wrapped, cwd, user).stdout.strip().splitlines()[-1]
 
 
 def sh(cmd: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool = True) -> subprocess.CompletedProcess:

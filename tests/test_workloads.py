@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import deskfs, run
+from conftest import concurrent_sqlite_writers, deskfs, run
 
 # The interpreter the venv test builds from: the real one, not the test venv's wrapper.
 BASE_PYTHON = getattr(sys, "_base_executable", None) or sys.executable
@@ -100,65 +100,11 @@ def test_git_repository_lifecycle(ws):
 # -- 2. sqlite ----------------------------------------------------------------------------------
 
 
-SQLITE_WRITER = textwrap.dedent(
-    """
-    import sqlite3, sys
-    path, writer, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    conn = sqlite3.connect(path, isolation_level=None, timeout=60)
-    conn.execute("PRAGMA busy_timeout=60000")
-    sys.stdin.readline()  # start together: the test releases every writer at once
-    for i in range(rows):
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO t (writer, seq, payload) VALUES (?, ?, ?)", (writer, i, f"{writer}-{i}" * 20))
-        conn.execute("COMMIT")
-    conn.close()
-    """
-)
-
-
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
 def test_sqlite_concurrent_writers(ws, journal_mode):
     db = ws.mnt / "shared.db"
-    setup = textwrap.dedent(
-        f"""
-        import sqlite3
-        conn = sqlite3.connect({str(db)!r}, isolation_level=None)
-        mode = conn.execute("PRAGMA journal_mode={journal_mode}").fetchone()[0]
-        assert mode == {journal_mode!r}, mode
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, writer INT, seq INT, payload TEXT)")
-        conn.close()
-        """
-    )
-    run([sys.executable, "-c", setup], cwd=ws.mnt)
-
-    writers = [
-        subprocess.Popen(
-            [sys.executable, "-c", SQLITE_WRITER, str(db), str(w), "250"],
-            cwd=ws.mnt, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for w in range(4)
-    ]
-    for proc in writers:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    for proc in writers:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-
-    check = textwrap.dedent(
-        f"""
-        import sqlite3
-        conn = sqlite3.connect({str(db)!r}, isolation_level=None)
-        print(conn.execute("PRAGMA journal_mode").fetchone()[0])
-        print(conn.execute("PRAGMA integrity_check").fetchone()[0])
-        print(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
-        print(conn.execute("SELECT COUNT(DISTINCT writer || '-' || seq) FROM t").fetchone()[0])
-        per_writer = "SELECT COUNT(*) AS n FROM t GROUP BY writer ORDER BY writer"
-        print(conn.execute(f"SELECT group_concat(n) FROM ({{per_writer}})").fetchone()[0])
-        """
-    )
-    out = run([sys.executable, "-c", check], cwd=ws.mnt).stdout.split()
-    assert out == [journal_mode, "ok", "1000", "1000", "250,250,250,250"]
+    summary = concurrent_sqlite_writers(db, journal_mode, rows=250, envs=[None] * 4)
+    assert summary == [journal_mode, "ok", "1000", "1000", "250,250,250,250"]
     # The sqlite3 shell, a different program, agrees.
     assert run(["sqlite3", str(db), "PRAGMA integrity_check;"], cwd=ws.mnt).stdout.strip() == "ok"
     assert_clean_log(ws)
