@@ -19,3 +19,16 @@ def test_status_lists_the_workspace(ws):
     out = deskfs("status", "--json").stdout
     assert f'"mountpoint": "{ws.mnt}"' in out
     assert '"files": 1' in out and '"bytes": 1000' in out
+
+
+def test_busy_poll_mount_serves_a_burst(make_workspace, tmp_path):
+    """With --busy-poll-us the daemon polls /dev/fuse itself between requests; a burst must still be right."""
+    ws = make_workspace("poll", True, "--busy-poll-us", "200")
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(300):
+        (source / f"f{i}").write_bytes(bytes([i % 256]) * (i * 37))
+    run(["cp", "-a", str(source), str(ws.mnt / "copy")], cwd="/")
+    assert run(["diff", "-r", str(source), str(ws.mnt / "copy")], cwd="/").returncode == 0
+    ws.unmount()
+    assert not ws.mounted
