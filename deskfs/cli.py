@@ -7,27 +7,19 @@ Must never: print a traceback for anything a user did; write the database behind
 
 from __future__ import annotations
 
+# Agents run `deskfs lock`/`unlock` in loops: the modules only some commands need (the store, SQLite,
+# sockets, subprocesses, logging) are imported inside those commands, which halves start-up time.
 import argparse
 import errno
-import fcntl
 import json
-import logging
 import os
-import select
-import signal
-import socket
-import sqlite3
-import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 from deskfs import mounts
 from deskfs.errors import EXIT_REFUSED, EXIT_USAGE, DeskfsError
-from deskfs.store import (
-    Store, check_is_store, control_socket_path, daemon_pid, db_path, init_store, lock_path, log_path,
-)
-from deskfs.store.meta import Meta
+from deskfs.layout import check_is_store, control_socket_path, daemon_pid, db_path, lock_path, log_path
 
 UNMOUNT_WAIT_SECONDS = 120
 
@@ -49,6 +41,8 @@ def _human_size(size: float) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from deskfs.store import init_store
+
     init_store(args.store, os.getuid(), os.getgid())
     print(f"created a deskfs store at {os.path.abspath(args.store)}")
     print(f"mount it with: deskfs mount {args.store} MOUNTPOINT")
@@ -64,7 +58,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mount_foreground(args: argparse.Namespace, store: str) -> int:
-    from deskfs.mount import serve  # pyfuse3 is imported only by the commands that mount
+    import logging
+
+    from deskfs.mount import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ready_fd = args.ready_fd
@@ -91,6 +87,8 @@ def _mount_foreground(args: argparse.Namespace, store: str) -> int:
 
 
 def _mount_background(args: argparse.Namespace, store: str) -> int:
+    import subprocess
+
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "deskfs", "mount", "--foreground", "--ready-fd", str(write_end)]
     if args.allow_other:
@@ -118,6 +116,8 @@ def _mount_background(args: argparse.Namespace, store: str) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
+    import subprocess
+
     mount = mounts.mount_at(args.mountpoint)
     if mount is None:
         raise DeskfsError(f"{args.mountpoint} is not a deskfs mount")
@@ -133,6 +133,8 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 def _wait_for_daemon(store: str, pid: int | None) -> None:
     """Block until the daemon has closed the store and exited (then nothing of it holds the store's disk)."""
+    import fcntl
+    import signal
 
     def too_slow(signum: int, frame: Any) -> None:
         raise DeskfsError(f"unmounted, but the daemon of {store} has not finished after {UNMOUNT_WAIT_SECONDS} s")
@@ -153,6 +155,8 @@ def _wait_for_daemon(store: str, pid: int | None) -> None:
 
 
 def _wait_for_exit(pid: int) -> None:
+    import select
+
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -167,6 +171,10 @@ def _wait_for_exit(pid: int) -> None:
 
 
 def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
+    import sqlite3
+
+    from deskfs.store.meta import Meta
+
     conn = sqlite3.connect(f"file:{db_path(mount.store)}?mode=ro", uri=True)
     try:
         files, size = Meta(conn).totals()
@@ -194,6 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    from deskfs.store import Store
     from deskfs.store.fsck import fsck
 
     path = os.path.abspath(args.store)
@@ -225,6 +234,9 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import socket
+    import subprocess
+
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise DeskfsError("no command given (deskfs run --agent NAME -- COMMAND ...)", EXIT_USAGE)

@@ -22,7 +22,8 @@ import trio
 from deskfs import control, mounts
 from deskfs.errors import DeskfsError
 from deskfs.fs import Operations
-from deskfs.store import Store, control_socket_path
+from deskfs.layout import control_socket_path
+from deskfs.store import Store
 from deskfs.store.fsck import fsck
 
 log = logging.getLogger(__name__)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from deskfs.errors import EXIT_USAGE, DeskfsError
 
 FS_TYPE = "fuse.deskfs"
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     store: str
     mountpoint: str
     options: str

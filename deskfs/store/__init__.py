@@ -10,28 +10,14 @@ that fsck cannot explain.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 
 from deskfs.errors import DeskfsError
+from deskfs.layout import check_is_store, db_path, lock_path, log_path, take_daemon_lock
 from deskfs.store import meta
 from deskfs.store.content import Content, SpaceGuard
 from deskfs.store.meta import Meta
-
-DB_NAME = "deskfs.db"
-
-
-def db_path(store_path: str) -> str:
-    return os.path.join(store_path, DB_NAME)
-
-
-def lock_path(store_path: str) -> str:
-    return os.path.join(store_path, "run", "daemon.lock")
-
-
-def log_path(store_path: str) -> str:
-    return os.path.join(store_path, "run", "daemon.log")
 
 
 def init_store(store_path: str, uid: int, gid: int) -> None:
@@ -60,10 +46,6 @@ def init_store(store_path: str, uid: int, gid: int) -> None:
     set_access_modes(store_path)
 
 
-def control_socket_path(store_path: str) -> str:
-    return os.path.join(store_path, "run", "ctl.sock")
-
-
 def set_access_modes(store_path: str) -> None:
     """Any local user may reach the control socket (it decides by peer credentials); nothing else is theirs.
 
@@ -75,40 +57,6 @@ def set_access_modes(store_path: str) -> None:
     for private in (db_path(store_path), lock_path(store_path), log_path(store_path)):
         if os.path.exists(private):
             os.chmod(private, 0o600)
-
-
-def check_is_store(store_path: str) -> None:
-    if not os.path.isdir(store_path):
-        raise DeskfsError(f"no deskfs store at {store_path} (create one with: deskfs init {store_path})")
-    if not os.path.isfile(db_path(store_path)):
-        raise DeskfsError(f"{store_path} is not a deskfs store (no {DB_NAME})")
-
-
-def take_daemon_lock(store_path: str) -> int | None:
-    """The exclusive lock one daemon (or fsck) holds on a store; None if someone else holds it."""
-    os.makedirs(os.path.dirname(lock_path(store_path)), exist_ok=True)
-    fd = os.open(lock_path(store_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def daemon_pid(store_path: str) -> int | None:
-    """The pid of the process holding the store (as it wrote it), or None if nobody holds it."""
-    fd = take_daemon_lock(store_path)
-    if fd is not None:
-        os.close(fd)
-        return None
-    try:
-        with open(lock_path(store_path)) as f:
-            return int(f.read().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
 
 
 class Store:
