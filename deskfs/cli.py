@@ -170,6 +170,15 @@ def _wait_for_exit(pid: int) -> None:
 # -- status and fsck --------------------------------------------------------------------------
 
 
+def _printed_as_json_or_none(items: list[dict], as_json: bool, none_message: str) -> bool:
+    """Print a listing as JSON, or say there is nothing; False when a table is still to be printed."""
+    if as_json:
+        print(json.dumps(items, indent=2))
+    elif not items:
+        print(none_message)
+    return as_json or not items
+
+
 def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
     import sqlite3
 
@@ -186,11 +195,7 @@ def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
 def cmd_status(args: argparse.Namespace) -> int:
     chosen = [mounts.resolve_workspace(args.mount)] if args.mount else mounts.mounted()
     summaries = [_workspace_summary(m) for m in chosen]
-    if args.json:
-        print(json.dumps(summaries, indent=2))
-        return 0
-    if not summaries:
-        print("no deskfs workspace is mounted")
+    if _printed_as_json_or_none(summaries, args.json, "no deskfs workspace is mounted"):
         return 0
     rows = [("MOUNTPOINT", "STORE", "FILES", "SIZE")] + [
         (s["mountpoint"], s["store"], str(s["files"]), _human_size(s["bytes"])) for s in summaries
@@ -318,11 +323,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
         held = [h for h in held if h["path"] == inside or h["path"].startswith(inside.rstrip("/") + "/")]
     for h in held:
         h["path"] = os.path.join(mount.mountpoint, h["path"].lstrip("/"))
-    if args.json:
-        print(json.dumps(held, indent=2))
-        return 0
-    if not held:
-        print("no locks held")
+    if _printed_as_json_or_none(held, args.json, "no locks held"):
         return 0
     for h in held:
         expiry = f"  expires {h['expires']}" if h["expires"] else ""

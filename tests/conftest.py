@@ -198,3 +198,15 @@ def concurrent_sqlite_writers(db: Path, journal_mode: str, rows: int, envs: list
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     return run([sys.executable, "-c", SQLITE_SUMMARY, str(db)], cwd=db.parent, env=envs[-1]).stdout.split()
+
+
+# renameat2(2) for snippets: Python has no binding for it.
+RENAMEAT2 = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def renameat2(old, new, flags):
+    if libc.renameat2(-100, old.encode(), -100, new.encode(), flags) != 0:  # -100: AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+"""

@@ -15,18 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, Workspace, deskfs, outcome, run
-
-
-
-RENAMEAT2 = """
-import ctypes
-libc = ctypes.CDLL(None, use_errno=True)
-def renameat2(old, new, flags):
-    if libc.renameat2(-100, old.encode(), -100, new.encode(), flags) != 0:  # -100: AT_FDCWD
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), old)
-"""
+from conftest import PY, RENAMEAT2, Workspace, deskfs, outcome, run
 
 
 @pytest.fixture(autouse=True)

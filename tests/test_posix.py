@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, as_user, outcome, py, run
+from conftest import PY, RENAMEAT2, as_user, outcome, py, run
 
 TEST_USERS = ("deskfs-t1", "deskfs-t2")
 
@@ -46,17 +46,6 @@ def sh(cmd: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool =
 def stat_of(path: Path, fmt: str) -> str:
     """`stat -c FMT` in a separate process."""
     return run(["stat", "-c", fmt, str(path)], cwd="/").stdout.strip()
-
-
-RENAMEAT2 = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-def renameat2(old, new, flags):
-    if libc.renameat2(-100, old.encode(), -100, new.encode(), flags) != 0:  # -100: AT_FDCWD
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), old)
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-"""
 
 
 def objects_of(store: Path) -> set[int]:
