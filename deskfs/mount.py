@@ -22,7 +22,7 @@ import trio
 from deskfs import control, mounts
 from deskfs.errors import DeskfsError
 from deskfs.fs import Operations
-from deskfs.layout import control_socket_path
+from deskfs.layout import control_socket_path, daemon_pid
 from deskfs.store import Store
 from deskfs.store.fsck import fsck
 
@@ -33,11 +33,14 @@ LEASE_EXPIRY_INTERVAL = 0.25  # seconds between sweeps of expired leases
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    if not os.path.exists(mountpoint):
-        raise DeskfsError(f"mountpoint {mountpoint} does not exist")
+    # Mounts first: a dead FUSE mount fails every stat (ENOTCONN) and would look like a missing folder.
     existing = mounts.mount_at(mountpoint)
+    if existing is not None and daemon_pid(existing.store) is None:
+        raise DeskfsError(f"{mountpoint} is a deskfs mount whose daemon is gone; clear it with: deskfs unmount {mountpoint}")
     if existing is not None:
         raise DeskfsError(f"{mountpoint} is already a deskfs mount (of {existing.store})")
+    if not os.path.exists(mountpoint):
+        raise DeskfsError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
         raise DeskfsError(f"mountpoint {mountpoint} is not a folder")
     if os.listdir(mountpoint):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import signal
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -296,3 +297,16 @@ def test_unknown_command_or_flag_exits_2(args, tmp_path):
     assert_one_line_error(result, 2)
     assert result.stdout == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_a_dead_mount_is_named_and_cleared_by_unmount(ws):
+    run([PY, "-c", "import os; f = open('kept', 'w'); f.write('still here\\n'); f.flush(); os.fsync(f.fileno())"],
+        cwd=ws.mnt)
+    os.kill(ws.daemon_pid, signal.SIGKILL)
+    ws.wait_daemon_gone()
+    assert_one_line_error(deskfs("mount", str(ws.store), str(ws.mnt), check=False), 1,
+                          "daemon is gone", "deskfs unmount")
+    deskfs("unmount", str(ws.mnt))
+    ws.mounted = False
+    ws.mount()  # runs fsck first: the store was not closed cleanly
+    assert (ws.mnt / "kept").read_text() == "still here\n"
