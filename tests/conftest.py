@@ -86,6 +86,15 @@ class Workspace:
         self.mounted = False
 
 
+@pytest.fixture(autouse=True)
+def daemon_logs_stay_clean(tmp_path):
+    """No request of a test may end in an internal error (EIO) in any daemon it started."""
+    yield
+    for log in tmp_path.glob("**/run/daemon.log"):
+        text = log.read_text(errors="replace")
+        assert "internal error" not in text and "Traceback" not in text, f"{log}:\n{text[-3000:]}"
+
+
 @pytest.fixture
 def make_workspace(tmp_path: Path) -> Iterator:
     """Factory for workspaces, all unmounted at the end of the test."""

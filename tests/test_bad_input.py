@@ -19,15 +19,6 @@ import pytest
 from conftest import PY, RENAMEAT2, Workspace, deskfs, outcome, run
 
 
-@pytest.fixture(autouse=True)
-def daemon_logs_stay_clean(tmp_path):
-    """No request of a test may end in an internal error (EIO) in any daemon it started."""
-    yield
-    for log in tmp_path.glob("**/run/daemon.log"):
-        text = log.read_text(errors="replace")
-        assert "internal error" not in text and "Traceback" not in text, f"{log}:\n{text[-3000:]}"
-
-
 # -- errnos on the mount ---------------------------------------------------------------------
 
 LONG = "n" * 256

@@ -53,15 +53,6 @@ def objects_of(store: Path) -> set[int]:
     return {int(p.name) for p in (store / "objects").glob("*/*")}
 
 
-@pytest.fixture(autouse=True)
-def daemon_logs_stay_clean(tmp_path):
-    """No request of a test may end in an internal error (EIO) in any daemon it started."""
-    yield
-    for log in tmp_path.glob("**/run/daemon.log"):
-        text = log.read_text(errors="replace")
-        assert "internal error" not in text and "Traceback" not in text, f"{log}:\n{text[-3000:]}"
-
-
 @pytest.fixture
 def shared(make_workspace, tmp_path):
     """A workspace mounted with --allow-other, reachable by other users, with a world-writable folder `pub`."""
