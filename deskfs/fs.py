@@ -94,8 +94,8 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._with_capabilities = self.meta.inodes_with_xattr(SECURITY_CAPABILITY)
-        self.identity = Identity(store.conn, self._log_impersonation)
-        self.leases = Leases(store.conn)
+        self.identity = Identity(store.meta, self._log_impersonation)
+        self.leases = Leases(store.meta)
         self.locks: LockTable | None = None  # needs the mount's device: see observe_kernel_locks
         self.virtual: VirtualXattrs | None = None
 

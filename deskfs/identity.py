@@ -19,10 +19,11 @@ import logging
 import os
 import pwd
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from deskfs.store.meta import Meta
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ class Session:
 class Identity:
     """Resolves processes to principals, with a cache keyed by pid and process start time."""
 
-    def __init__(self, conn: sqlite3.Connection, on_denied: Callable[[int, int, str, str], None]) -> None:
-        conn.executescript(SCHEMA)
-        self._conn = conn
-        self._bindings: dict[str, int] = dict(conn.execute("SELECT name, uid FROM agents"))
+    def __init__(self, meta: Meta, on_denied: Callable[[int, int, str, str], None]) -> None:
+        meta.conn.executescript(SCHEMA)
+        self._meta = meta
+        self._bindings: dict[str, int] = dict(meta.conn.execute("SELECT name, uid FROM agents"))
         self._on_denied = on_denied
         self._cache: dict[int, tuple[str, int, int, float]] = {}  # pid -> principal, uid, start, checked
         self.sessions: dict[int, Session] = {}  # by root pid
@@ -110,9 +111,8 @@ class Identity:
         owner = self._bindings.get(name)
         if owner is None:
             self._bindings[name] = uid
-            if not self._conn.in_transaction:
-                self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute(
+            self._meta.begin()
+            self._meta.conn.execute(
                 "INSERT OR REPLACE INTO agents (name, uid, bound_ns) VALUES (?, ?, ?)", (name, uid, time.time_ns())
             )
             return True

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+from deskfs.store.meta import Meta
 
 EXCLUSIVE = "exclusive"
 SHARED = "shared"
@@ -182,9 +183,11 @@ class KernelLocks:
 class Leases:
     """deskfs's own locks, by inode, mirrored in the `leases` table."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, meta: Meta) -> None:
+        conn = meta.conn
         conn.executescript(SCHEMA)
         self._conn = conn
+        self._begin = meta.begin
         self.by_inode: dict[int, dict[str, Holder]] = {}
         self._sessions: dict[tuple[int, str], int | None] = {}
         now = time.time_ns()
@@ -194,8 +197,7 @@ class Leases:
         self._write(lambda: conn.execute("DELETE FROM leases WHERE expires_ns <= ? OR session IS NOT NULL", (now,)))
 
     def _write(self, change: Callable[[], object]) -> None:
-        if not self._conn.in_transaction:
-            self._conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         change()
 
     def _remember(self, inode: int, holder: Holder, session: int | None) -> None:

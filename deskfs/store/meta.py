@@ -125,20 +125,19 @@ class Meta:
     def has_pending(self) -> bool:
         return bool(self.dirty) or self.conn.in_transaction
 
-    def write_back(self) -> None:
-        """Write every dirty inode into the open transaction."""
-        if not self.dirty:
-            return
+    def _write_inodes(self, inodes: list[Inode]) -> None:
         self.begin()
         self.conn.executemany(
             "UPDATE inodes SET mode=?, uid=?, gid=?, nlink=?, size=?, rdev=?, atime_ns=?, mtime_ns=?,"
             " ctime_ns=? WHERE id=?",
-            [
-                (i.mode, i.uid, i.gid, i.nlink, i.size, i.rdev, i.atime_ns, i.mtime_ns, i.ctime_ns, i.id)
-                for i in self.dirty
-            ],
+            [(i.mode, i.uid, i.gid, i.nlink, i.size, i.rdev, i.atime_ns, i.mtime_ns, i.ctime_ns, i.id) for i in inodes],
         )
-        self.dirty.clear()
+        self.dirty.difference_update(inodes)
+
+    def write_back(self) -> None:
+        """Write every dirty inode into the open transaction."""
+        if self.dirty:
+            self._write_inodes(list(self.dirty))
 
     def commit(self) -> None:
         self.write_back()
@@ -195,14 +194,7 @@ class Meta:
         """Drop an inode the kernel no longer refers to from the cache (written back first if dirty)."""
         inode = self.cache.pop(ino, None)
         if inode is not None and inode in self.dirty:
-            self.begin()
-            self.conn.execute(
-                "UPDATE inodes SET mode=?, uid=?, gid=?, nlink=?, size=?, rdev=?, atime_ns=?,"
-                " mtime_ns=?, ctime_ns=? WHERE id=?",
-                (inode.mode, inode.uid, inode.gid, inode.nlink, inode.size, inode.rdev,
-                 inode.atime_ns, inode.mtime_ns, inode.ctime_ns, inode.id),
-            )
-            self.dirty.discard(inode)
+            self._write_inodes([inode])
 
     # -- directory entries --------------------------------------------------------------------
 
