@@ -40,11 +40,24 @@ def _human_size(size: float) -> str:
 # -- init, mount, unmount ---------------------------------------------------------------------
 
 
+def _own_principal() -> str:
+    """Who runs this command, by the mount's rules for a process outside any `deskfs run` session."""
+    from deskfs.identity import is_agent_name, user_principal
+
+    agent = os.environ.get("DESKFS_AGENT")
+    return f"agent:{agent}" if agent and is_agent_name(agent) else user_principal(os.getuid())
+
+
 def cmd_init(args: argparse.Namespace) -> int:
+    from deskfs.access import Refused, check_principal
     from deskfs.store import init_store
 
-    init_store(args.store, os.getuid(), os.getgid())
-    print(f"created a deskfs store at {os.path.abspath(args.store)}")
+    try:
+        owner = check_principal(args.owner) if args.owner else _own_principal()
+    except Refused as exc:
+        raise DeskfsError(str(exc), EXIT_USAGE) from None
+    init_store(args.store, os.getuid(), os.getgid(), owner)
+    print(f"created a deskfs store at {os.path.abspath(args.store)}, owned by {owner}")
     print(f"mount it with: deskfs mount {args.store} MOUNTPOINT")
     return 0
 
@@ -180,16 +193,19 @@ def _printed_as_json_or_none(items: list[dict], as_json: bool, none_message: str
 
 
 def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
-    import sqlite3
-
-    from deskfs.store.meta import Meta
-
-    conn = sqlite3.connect(f"file:{db_path(mount.store)}?mode=ro", uri=True)
+    summary: dict[str, Any] = {"mountpoint": mount.mountpoint, "store": mount.store}
     try:
-        files, size = Meta(conn).totals()
-    finally:
-        conn.close()
-    return {"mountpoint": mount.mountpoint, "store": mount.store, "files": files, "bytes": size}
+        answer = _ask(mount, {"op": "status"})
+    except DeskfsError as exc:
+        return summary | {"error": str(exc)}
+    answer.pop("ok", None)
+    return summary | answer
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -197,13 +213,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     summaries = [_workspace_summary(m) for m in chosen]
     if _printed_as_json_or_none(summaries, args.json, "no deskfs workspace is mounted"):
         return 0
-    rows = [("MOUNTPOINT", "STORE", "FILES", "SIZE")] + [
-        (s["mountpoint"], s["store"], str(s["files"]), _human_size(s["bytes"])) for s in summaries
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table([("MOUNTPOINT", "STORE", "FILES", "SIZE")] + [
+        (s["mountpoint"], s["store"], str(s.get("files", "-")), _human_size(s["bytes"]) if "bytes" in s else "-")
+        for s in summaries
+    ])
+    for s in summaries:
+        _print_activity(s)
     return 0
+
+
+def _print_activity(summary: dict[str, Any]) -> None:
+    from deskfs.journal import human_line
+
+    print(f"\n{summary['mountpoint']}:")
+    if "error" in summary:
+        print(f"  {summary['error']}")
+        return
+    print("  active now:" + ("" if summary["active"] else " nobody has a file open"))
+    for a in summary["active"]:
+        writing = f", {a['writing']} writing" if a["writing"] else ""
+        print(f"    {a['principal']}  {a['handles']} open{writing}  {', '.join(a['paths'])}")
+    print("  locks:" + ("" if summary["locks"] else " none held"))
+    for h in summary["locks"]:
+        print(f"    {h['path']}  {h['kind']} {h['mode']}  {h['principal']}  pid {h['pid']}  since {h['since']}")
+    print("  recent changes:" + ("" if summary["recent"] else " none"))
+    today = time.strftime("%Y-%m-%d")
+    for record in summary["recent"]:
+        print(f"    {human_line(record, today)}")
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -238,23 +274,49 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _connect(mount: mounts.Mount, request: dict) -> Any:
+    """A connection to the workspace's daemon with `request` sent; the caller closes it."""
     import socket
+
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        control.connect(control_socket_path(mount.store))
+        control.sendall(json.dumps(request).encode() + b"\n")
+    except OSError as exc:
+        control.close()
+        raise DeskfsError(f"cannot reach the deskfs daemon of {mount.mountpoint}: {exc.strerror}") from None
+    return control
+
+
+def _answers(control: Any) -> Any:
+    """The daemon's answer lines; a refusal becomes a DeskfsError (exit 2 for bad input, else 1)."""
+    for line in control.makefile("rb"):
+        answer = json.loads(line)
+        if "error" in answer:
+            raise DeskfsError(answer["error"], EXIT_USAGE if answer.get("usage") else EXIT_REFUSED)
+        yield answer
+
+
+def _ask_on(control: Any, mount: mounts.Mount) -> dict:
+    for answer in _answers(control):
+        return answer
+    raise DeskfsError(f"the deskfs daemon of {mount.mountpoint} closed the connection")
+
+
+def _ask(mount: mounts.Mount, request: dict) -> dict:
+    with _connect(mount, request) as control:
+        return _ask_on(control, mount)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     import subprocess
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise DeskfsError("no command given (deskfs run --agent NAME -- COMMAND ...)", EXIT_USAGE)
     mount = mounts.resolve_workspace(args.mount)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
-        try:
-            control.connect(control_socket_path(mount.store))
-        except OSError as exc:
-            raise DeskfsError(f"cannot reach the deskfs daemon of {mount.mountpoint}: {exc.strerror}") from None
-        control.sendall(json.dumps({"op": "session", "agent": args.agent}).encode() + b"\n")
-        answer = json.loads(control.makefile("rb").readline() or b'{"error": "the daemon closed the connection"}')
-        if "error" in answer:
-            raise DeskfsError(answer["error"])
+    with _connect(mount, {"op": "session", "agent": args.agent}) as control:
+        _ask_on(control, mount)
         try:
             returncode = subprocess.run(command).returncode
         except FileNotFoundError:
@@ -331,6 +393,183 @@ def cmd_locks(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the journal ------------------------------------------------------------------------------
+
+
+def _journal_query(args: argparse.Namespace, mount: mounts.Mount | None) -> dict:
+    """The query the filters of `deskfs log` ask for; a one-line usage error for any that cannot be read."""
+    from deskfs.access import Refused, check_principal
+    from deskfs.journal import OPS, parse_time
+
+    now = time.time_ns()
+    query: dict[str, Any] = {"limit": args.limit}
+    for name in ("since", "until"):
+        text = getattr(args, name)
+        if text is not None:
+            moment = parse_time(text, now)
+            if moment is None:
+                raise DeskfsError(f"cannot read --{name} {text!r}: give a duration ago (30s, 10m, 2h, 3d)"
+                                  " or a time (2026-11-25T12:00, 2026-11-25 12:00:00)", EXIT_USAGE)
+            query[f"{name}_ns"] = moment
+    principals = [f"agent:{a}" for a in args.agent] + list(args.principal)
+    try:
+        query["principals"] = [check_principal(p) for p in principals]
+    except Refused as exc:
+        raise DeskfsError(str(exc), EXIT_USAGE) from None
+    ops = [op.strip() for spec in args.op for op in spec.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise DeskfsError(f"unknown operation {unknown[0]!r} (known: {', '.join(sorted(OPS))})", EXIT_USAGE)
+    query["ops"] = ops
+    query["denied"] = args.denied
+    if args.limit < 0:
+        raise DeskfsError("--limit must be 0 (everything) or more", EXIT_USAGE)
+    if args.path is not None:
+        query["path_glob"] = _workspace_glob(args.path, mount)
+    return query
+
+
+def _workspace_glob(pattern: str, mount: mounts.Mount | None) -> str:
+    """A path pattern as the journal names paths: from the workspace's root.
+
+    A pattern inside the mount (absolute, or relative to a current folder inside it) is taken from
+    there; one starting with `/` elsewhere is already from the workspace's root.
+    """
+    if mount is None:
+        return pattern if pattern.startswith("/") else "/" + pattern
+    absolute = os.path.join(os.getcwd(), pattern) if not pattern.startswith("/") else pattern
+    absolute = os.path.normpath(absolute)
+    root = mount.mountpoint.rstrip("/")
+    if absolute == root or absolute.startswith(root + "/"):
+        return absolute[len(root):] or "/"
+    return pattern if pattern.startswith("/") else "/" + pattern
+
+
+def _log_source(args: argparse.Namespace) -> tuple[mounts.Mount | None, str | None]:
+    """(the mount to ask, or None and the unmounted store to read directly)."""
+    if args.store is not None:
+        store = os.path.abspath(args.store)
+        check_is_store(store)
+        mounted = mounts.mount_of_store(store)
+        return (mounted, None) if mounted is not None else (None, store)
+    return mounts.resolve_workspace(args.mount), None
+
+
+def _read_store_directly(store: str, work: Callable[[Any], Any]) -> Any:
+    import sqlite3
+
+    from deskfs.store.meta import connect_read_only
+
+    if not os.access(db_path(store), os.R_OK):
+        raise DeskfsError(f"cannot read the journal of {store}: while it is unmounted only its Unix owner can"
+                          " (mount it to read through the daemon)")
+    conn = connect_read_only(db_path(store))
+    try:
+        return work(conn)
+    except sqlite3.DatabaseError as exc:
+        raise DeskfsError(f"cannot read the journal of {store}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    mount, store = _log_source(args)
+    if args.verify:
+        return _verify(mount, store)
+    query = _journal_query(args, mount)
+    if store is not None:
+        if args.follow:
+            raise DeskfsError(f"{store} is not mounted: nothing new can happen in it (mount it to follow)")
+        from deskfs import journal
+
+        records = _read_store_directly(store, lambda conn: [
+            r.as_json() for r in journal.query(conn, journal.Query.from_json(query))])
+        for record in records:
+            _print_record(record, args.json)
+        return 0
+    with _connect(mount, {"op": "log", "query": query, "follow": args.follow}) as control:
+        try:
+            for answer in _answers(control):
+                if "record" in answer:
+                    _print_record(answer["record"], args.json)
+        except KeyboardInterrupt:
+            return 0  # --follow runs until interrupted: that is its normal end
+    return 0
+
+
+def _print_record(record: dict, as_json: bool) -> None:
+    from deskfs.journal import human_line
+
+    print(json.dumps(record) if as_json else human_line(record, time.strftime("%Y-%m-%d")), flush=True)
+
+
+def _verify(mount: mounts.Mount | None, store: str | None) -> int:
+    if store is not None:
+        from deskfs import journal
+
+        verdict = _read_store_directly(store, journal.verify).__dict__
+    else:
+        verdict = _ask(mount, {"op": "verify"})
+    if verdict["broken_seq"] is not None:
+        raise DeskfsError(f"journal verification FAILED after {verdict['checked']} good records: {verdict['reason']}")
+    print(f"journal verified: {verdict['checked']} records, hash chain intact")
+    return 0
+
+
+# -- settings, members and ownership ----------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    mount = mounts.resolve_workspace(args.mount)
+    request = {"op": "config", "key": args.key} | ({"value": args.value} if args.value is not None else {})
+    answer = _ask(mount, request)
+    print(f"{answer['key']} = {answer['value'] if answer['value'] is not None else '(default)'}")
+    return 0
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    from deskfs.journal import iso_time
+
+    answer = _ask(mounts.resolve_workspace(args.mount), {"op": "members"})
+    if args.json:
+        answer.pop("ok", None)
+        print(json.dumps(answer, indent=2))
+        return 0
+    _print_table([("PRINCIPAL", "ROLE", "SINCE", "ADDED BY")] + [
+        (m["principal"], m["role"], iso_time(m["since_ns"])[:19], m["added_by"]) for m in answer["members"]])
+    if answer["own_agents"] != "off":
+        print(f"(the owner's Unix user and its agents are {answer['own_agents']}s unless listed otherwise)")
+    offer = answer["offer"]
+    if offer is not None:
+        print(f"ownership offered to {offer['principal']} (then {offer['then_role']}), expires {offer['expires']}")
+    return 0
+
+
+def _member_command(op: str, message: Callable[[argparse.Namespace, dict], str],
+                    fields: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        answer = _ask(mounts.resolve_workspace(args.mount), {"op": op} | fields(args))
+        print(message(args, answer))
+        return 0
+    return command
+
+
+cmd_invite = _member_command("invite", lambda a, r: f"invited {a.principal} as {a.role}",
+                             lambda a: {"principal": a.principal, "role": a.role})
+cmd_role = _member_command("role", lambda a, r: f"{a.principal} is now {a.role}",
+                           lambda a: {"principal": a.principal, "role": a.role})
+cmd_remove = _member_command("remove", lambda a, r: f"removed {a.principal}", lambda a: {"principal": a.principal})
+cmd_leave = _member_command("leave", lambda a, r: f"{r['principal']} left the workspace", lambda a: {})
+cmd_transfer = _member_command(
+    "transfer", lambda a, r: f"offered ownership to {a.principal} until {r['expires']};"
+                             f" they accept with: deskfs accept-transfer",
+    lambda a: {"principal": a.principal, "then": a.then})
+cmd_accept_transfer = _member_command(
+    "accept-transfer", lambda a, r: f"{r['owner']} now owns this workspace (was {r['former_owner']})", lambda a: {})
+cmd_cancel_transfer = _member_command(
+    "cancel-transfer", lambda a, r: f"cancelled the ownership offer to {r['principal']}", lambda a: {})
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -345,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("init", cmd_init, "create a workspace store")
     sub.add_argument("store")
+    sub.add_argument("--owner", metavar="PRINCIPAL",
+                     help="the owner (agent:NAME or user:NAME; default: whoever runs this, by DESKFS_AGENT or user)")
 
     sub = command("mount", cmd_mount, "mount a workspace store at an empty folder")
     sub.add_argument("store")
@@ -389,6 +630,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("locks", cmd_locks, "every lock held in the workspace (or under PATH)")
     sub.add_argument("path", nargs="?")
     sub.add_argument("--json", action="store_true")
+
+    sub = command("log", cmd_log, "the audit journal: who did what, when (newest 100 unless --limit)")
+    sub.add_argument("--since", metavar="WHEN", help="10m, 2h, 3d ago, or an ISO time")
+    sub.add_argument("--until", metavar="WHEN")
+    sub.add_argument("--agent", action="append", default=[], metavar="NAME", help="only agent:NAME (repeatable)")
+    sub.add_argument("--principal", action="append", default=[], metavar="P", help="only P, e.g. user:alice")
+    sub.add_argument("--path", metavar="GLOB", help="only paths matching GLOB (* within a folder, ** across)")
+    sub.add_argument("--op", action="append", default=[], metavar="OP,...", help="only these operations")
+    sub.add_argument("--denied", action="store_true", help="only refused requests")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument("--limit", type=int, default=100, metavar="N", help="the newest N records (0: all)")
+    sub.add_argument("--follow", "-f", action="store_true", help="keep printing new records until interrupted")
+    sub.add_argument("--verify", action="store_true", help="check the journal's hash chain")
+    sub.add_argument("--mount", metavar="PATH", help="the workspace holding PATH")
+    sub.add_argument("--store", metavar="STORE", help="a store, mounted or not")
+
+    sub = command("config", cmd_config, "show or (owner) change a workspace setting")
+    sub.add_argument("key", help="journal.retention (30d, 12h, forever) or members.own_agents (editor, viewer, off)")
+    sub.add_argument("value", nargs="?")
+    sub.add_argument("--mount", metavar="PATH")
+
+    sub = command("members", cmd_members, "the workspace's members and their roles")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--mount", metavar="PATH")
+
+    for name, handler, help, takes_principal, takes_role in (
+        ("invite", cmd_invite, "(owner) make PRINCIPAL a member", True, True),
+        ("role", cmd_role, "(owner) change a member's role", True, True),
+        ("remove", cmd_remove, "(owner) remove a member", True, False),
+        ("leave", cmd_leave, "stop being a member yourself", False, False),
+        ("transfer", cmd_transfer, "(owner) offer ownership to a member for 72 hours", True, False),
+        ("accept-transfer", cmd_accept_transfer, "accept the ownership offered to you", False, False),
+        ("cancel-transfer", cmd_cancel_transfer, "withdraw (owner) or decline the ownership offer", False, False),
+    ):
+        sub = command(name, handler, help)
+        if takes_principal:
+            sub.add_argument("principal", help="agent:NAME or user:NAME")
+        if takes_role and name == "invite":
+            sub.add_argument("--role", required=True, help="editor or viewer")
+        elif takes_role:
+            sub.add_argument("role", help="editor or viewer")
+        if name == "transfer":
+            sub.add_argument("--then", default="editor", help="what you become: editor (default), viewer or leave")
+        sub.add_argument("--mount", metavar="PATH")
     return parser
 
 

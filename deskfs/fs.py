@@ -22,8 +22,10 @@ from typing import Any, Callable, Sequence
 import pyfuse3
 
 from deskfs import virtual_xattrs
-from deskfs.identity import Identity
-from deskfs.locks import KernelLocks, Leases, LockError, LockTable
+from deskfs.access import EDITOR, ROLE_OF_RANK, VIEWER, Access
+from deskfs.identity import Identity, user_principal
+from deskfs.journal import Actor, Journal, path_text
+from deskfs.locks import KernelLocks, KernelLockWatcher, Leases, LockError, LockTable
 from deskfs.store import Store
 from deskfs.store.meta import ROOT_INODE, Inode
 from deskfs.virtual_xattrs import VirtualXattrs
@@ -77,7 +79,24 @@ class Handle:
     inode: Inode
     fd: int
     flags: int
-    principal: str
+    actor: Actor
+    path: str | None  # where it was opened: the journal's path once the file has no name left
+    changed: bool = False  # wrote or truncated: its release is a close_write when it is the last such
+
+    @property
+    def principal(self) -> str:
+        return self.actor.principal
+
+
+OPEN_FLAGS = {name: getattr(os, name) for name in (
+    "O_CREAT", "O_EXCL", "O_TRUNC", "O_APPEND", "O_DIRECT", "O_SYNC", "O_DSYNC", "O_NOFOLLOW", "O_TMPFILE")}
+ACCESS_MODES = {os.O_RDONLY: "read", os.O_WRONLY: "write", os.O_RDWR: "read-write"}
+
+
+def open_details(flags: int) -> dict[str, object]:
+    """How a file was opened, as the journal tells it."""
+    named = [name for name, bit in OPEN_FLAGS.items() if flags & bit == bit]
+    return {"access": ACCESS_MODES.get(flags & os.O_ACCMODE, "?"), "flags": named}
 
 
 class Operations(pyfuse3.Operations):
@@ -90,37 +109,67 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.meta = store.meta
         self.content = store.content
+        self.journal: Journal = store.journal
         self.lookups: dict[int, int] = {}
         self.handles: dict[int, Handle] = {}
+        self.changers: dict[int, int] = {}  # inode -> open handles that changed it (for close_write)
         self._next_fh = 1
         self._with_capabilities = self.meta.inodes_with_xattr(SECURITY_CAPABILITY)
-        self.identity = Identity(store.meta, self._log_impersonation)
+        self.identity = Identity(store.meta, self._record_impersonation)
+        self.access = Access(store.conn, store.meta.begin, self.journal, self.identity.uid_of_agent, store.owner_uid)
         self.leases = Leases(store.meta)
         self.locks: LockTable | None = None  # needs the mount's device: see observe_kernel_locks
         self.virtual: VirtualXattrs | None = None
+        self.lock_watcher: KernelLockWatcher | None = None
 
     def observe_kernel_locks(self, device: tuple[int, int]) -> None:
         """Start answering for locks, once the mount exists and its device number is known."""
         kernel = KernelLocks(device, self.identity.principal_of_pid)
-        self.locks = LockTable(kernel, self.leases, self.meta.parent_of, ROOT_INODE)
-        self.virtual = VirtualXattrs(self.identity, self.locks, self.meta, self.store.owner_uid)
+        self.locks = LockTable(kernel, self.leases, self.meta.parent_of, ROOT_INODE,
+                               lambda principal: self.access.role(principal) >= EDITOR)
+        self.lock_watcher = KernelLockWatcher(kernel)
+        self.virtual = VirtualXattrs(self.identity, self.locks, self.meta, self.journal, self.access)
 
-    # -- identity and locks -------------------------------------------------------------------
+    # -- identity, locks and the journal ------------------------------------------------------
 
-    @staticmethod
-    def _log_impersonation(pid: int, uid: int, agent: str, how: str) -> None:
-        log.warning("denied: pid %d (uid %d) claimed agent:%s through %s, bound to another user", pid, uid, agent, how)
+    def _record_impersonation(self, pid: int, uid: int, agent: str, how: str) -> None:
+        actor = Actor(user_principal(uid), uid, pid)
+        self.journal.record(actor, "impersonate", errno=errno.EPERM, claimed=f"agent:{agent}", via=how)
 
-    def _principal(self, ctx: pyfuse3.RequestContext) -> str:
-        return self.identity.principal(ctx.pid, ctx.uid)
+    def _actor(self, ctx: pyfuse3.RequestContext) -> Actor:
+        return Actor(self.identity.principal(ctx.pid, ctx.uid), ctx.uid, ctx.pid)
 
-    def _check_change(self, principal: str, *targets: int) -> None:
-        """EBUSY if another principal's lock forbids `principal` to change `targets` now."""
+    def path_of(self, ino: int) -> str | None:
+        return path_text(self.meta.path_of(ino))
+
+    def _child_path(self, parent: int, name: bytes) -> str | None:
+        return path_text(self.meta.child_path(parent, name))
+
+    def _require(self, actor: Actor, need: int, op: str, ino: int | None,
+                 path: str | None | Callable[[], str | None]) -> None:
+        """EACCES, journaled, unless `actor`'s role in the workspace is at least `need`."""
+        role = self.access.role(actor.principal)
+        if role < need:
+            where = path() if callable(path) else path
+            self.journal.record(actor, op, ino, where, errno=errno.EACCES, role=ROLE_OF_RANK[role])
+            raise fail(errno.EACCES)
+
+    def attribute_cached_inodes(self) -> list[int]:
+        """The inodes whose attributes the kernel may hold (to invalidate when roles change)."""
+        return list(self.lookups)
+
+    def _check_change(self, actor: Actor, op: str, path: str | None | Callable[[], str | None],
+                      *targets: int) -> None:
+        """EBUSY, journaled, if another principal's lock forbids `actor` to change `targets` now.
+
+        `path` may be a function, for callers that compute it only when it is needed.
+        """
         if self.locks is None:
             return
-        holder = self.locks.blocker(targets, principal)
+        holder = self.locks.blocker(targets, actor.principal)
         if holder is not None:
-            log.info("denied: %s may not change inode(s) %s: %s", principal, targets, holder.describe())
+            where = path() if callable(path) else path
+            self.journal.record(actor, op, targets[0], where, errno=errno.EBUSY, locked_by=holder.describe())
             raise fail(errno.EBUSY)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -183,12 +232,16 @@ class Operations(pyfuse3.Operations):
         inode.touch_content(now)
         self.meta.changed(inode)
 
-    def _make(self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Inode:
+    def _make(self, op: str, parent: int, name: bytes, mode: int, rdev: int, actor: Actor, ctx: pyfuse3.RequestContext,
+              **details: object) -> Inode:
+        """A new inode named `name` in `parent`, journaled as `op` with `details`."""
         check_name(name)
         folder = self._inode(parent)
         if self.meta.lookup(parent, name) is not None:
             raise fail(errno.EEXIST)
-        self._check_change(self._principal(ctx), parent)
+        path = self._child_path(parent, name)
+        self._require(actor, EDITOR, op, parent, path)
+        self._check_change(actor, op, path, parent)
         gid = ctx.gid
         if folder.mode & stat.S_ISGID:
             # BSD group semantics in a setgid folder: the group is inherited, and so is the bit by folders.
@@ -201,6 +254,7 @@ class Operations(pyfuse3.Operations):
         if inode.is_dir:
             folder.nlink += 1
         self._touch(folder, now)
+        self.journal.record(actor, op, inode.id, path, mode=f"{stat.S_IMODE(mode):04o}", **details)
         return inode
 
     def _drop_link(self, inode: Inode, now: int) -> None:
@@ -217,11 +271,14 @@ class Operations(pyfuse3.Operations):
         inode.size = size
         self._touch(inode, now)
 
-    def _new_handle(self, inode: Inode, flags: int, principal: str) -> pyfuse3.FileInfo:
+    def _new_handle(self, inode: Inode, flags: int, actor: Actor, path: str | None,
+                    truncated: bool = False) -> pyfuse3.FileInfo:
         fd = self.content.acquire(inode.id)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(inode, fd, flags, principal)
+        handle = self.handles[fh] = Handle(inode, fd, flags, actor, path)
+        if truncated:
+            self._mark_changed(handle)
         # A write-only handle bypasses the page cache: each write() is then one request instead of two
         # (a cached write first asks for security.capability), and large writes go through unsplit.
         # Other handles' cached pages stay right: every write changes mtime, and the kernel drops pages
@@ -233,6 +290,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._require(self._actor(ctx), VIEWER, "lookup", parent, lambda: self._child_path(parent, name))
         if name == b".":
             ino: int | None = parent
         elif name == b"..":
@@ -260,6 +318,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if ino != ROOT_INODE:  # anyone may see the mount's root itself; nothing below it
+            self._require(self._actor(ctx), VIEWER, "getattr", ino, lambda: self.path_of(ino))
         return self._attributes(self._inode(ino))
 
     @fuse_handler
@@ -272,27 +332,37 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         inode = self._inode(ino)
-        principal = self.handles[fh].principal if fh is not None and fh in self.handles else self._principal(ctx)
-        self._check_change(principal, ino)
+        handle = self.handles.get(fh) if fh is not None else None
+        actor = handle.actor if handle is not None else self._actor(ctx)
+        path = self.path_of(ino)
+        self._require(actor, EDITOR, "setattr", ino, path)
+        self._check_change(actor, "setattr", path, ino)
         now = time.time_ns()
+        changes: dict[str, object] = {}
         if fields.update_size:
             self._truncate(inode, attr.st_size, now)
+            changes["size"] = attr.st_size
+            if handle is not None:
+                self._mark_changed(handle)
         if fields.update_mode:
             inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(attr.st_mode)
+            changes["mode"] = f"{stat.S_IMODE(attr.st_mode):04o}"
         if fields.update_uid:
-            inode.uid = attr.st_uid
+            inode.uid = changes["uid"] = attr.st_uid
         if fields.update_gid:
-            inode.gid = attr.st_gid
+            inode.gid = changes["gid"] = attr.st_gid
         if fields.update_atime:
-            inode.atime_ns = attr.st_atime_ns
+            inode.atime_ns = changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
-            inode.mtime_ns = attr.st_mtime_ns
+            inode.mtime_ns = changes["mtime_ns"] = attr.st_mtime_ns
         inode.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
         self.meta.changed(inode)
+        self.journal.record(actor, "setattr", ino, path, **changes)
         return self._attributes(inode)
 
     @fuse_handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self._require(self._actor(ctx), VIEWER, "readlink", ino, lambda: self.path_of(ino))
         target = self.meta.symlink_target(ino)
         if target is None:
             raise fail(errno.EINVAL)
@@ -320,17 +390,19 @@ class Operations(pyfuse3.Operations):
     def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._counted(self._make(parent, name, mode, rdev, ctx))
+        actor = self._actor(ctx)
+        return self._counted(self._make("mknod", parent, name, mode, rdev, actor, ctx, device=rdev))
 
     @fuse_handler
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._counted(self._make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, ctx))
+        return self._counted(self._make("mkdir", parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, self._actor(ctx), ctx))
 
     @fuse_handler
     def symlink(
         self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = self._make(parent, name, stat.S_IFLNK | 0o777, 0, ctx)
+        inode = self._make("symlink", parent, name, stat.S_IFLNK | 0o777, 0, self._actor(ctx), ctx,
+                           target=target.decode("utf-8", "backslashreplace"))
         self.meta.set_symlink(inode.id, target)
         inode.size = len(target)
         self.meta.changed(inode)
@@ -345,8 +417,11 @@ class Operations(pyfuse3.Operations):
         folder = self._inode(new_parent)
         if self.meta.lookup(new_parent, new_name) is not None:
             raise fail(errno.EEXIST)
-        self._check_change(self._principal(ctx), ino, new_parent)
+        actor, path, new_path = self._actor(ctx), self.path_of(ino), self._child_path(new_parent, new_name)
+        self._require(actor, EDITOR, "link", ino, path)
+        self._check_change(actor, "link", path, ino, new_parent)
         now = time.time_ns()
+        self.journal.record(actor, "link", ino, path, new_path)
         self.meta.add_entry(new_parent, new_name, ino)
         inode.nlink += 1
         inode.ctime_ns = now
@@ -359,9 +434,12 @@ class Operations(pyfuse3.Operations):
         inode = self._child(parent, name)
         if inode.is_dir:
             raise fail(errno.EISDIR)
-        self._check_change(self._principal(ctx), inode.id, parent)
+        actor, path = self._actor(ctx), self._child_path(parent, name)
+        self._require(actor, EDITOR, "unlink", inode.id, path)
+        self._check_change(actor, "unlink", path, inode.id, parent)
         now = time.time_ns()
-        self.meta.remove_entry(parent, name)
+        self.journal.record(actor, "unlink", inode.id, path)
+        self.meta.remove_entry(parent, name, inode.id)
         self._touch(self._inode(parent), now)
         self._drop_link(inode, now)
 
@@ -372,10 +450,13 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.ENOTDIR)
         if self.meta.has_entries(inode.id):
             raise fail(errno.ENOTEMPTY)
-        self._check_change(self._principal(ctx), inode.id, parent)
+        actor, path = self._actor(ctx), self._child_path(parent, name)
+        self._require(actor, EDITOR, "rmdir", inode.id, path)
+        self._check_change(actor, "rmdir", path, inode.id, parent)
         now = time.time_ns()
+        self.journal.record(actor, "rmdir", inode.id, path)
         folder = self._inode(parent)
-        self.meta.remove_entry(parent, name)
+        self.meta.remove_entry(parent, name, inode.id)
         folder.nlink -= 1
         self._touch(folder, now)
         self._drop_link(inode, now)
@@ -394,13 +475,17 @@ class Operations(pyfuse3.Operations):
         check_name(name_new)
         target_ino = self.meta.lookup(parent_new, name_new)
         targets = (moved.id, parent_old, parent_new) + ((target_ino,) if target_ino is not None else ())
-        self._check_change(self._principal(ctx), *targets)
+        actor = self._actor(ctx)
+        path, new_path = self._child_path(parent_old, name_old), self._child_path(parent_new, name_new)
+        self._require(actor, EDITOR, "rename", moved.id, path)
+        self._check_change(actor, "rename", path, *targets)
         if flags & pyfuse3.RENAME_NOREPLACE and target_ino is not None:
             raise fail(errno.EEXIST)
         if flags & pyfuse3.RENAME_EXCHANGE:
             if target_ino is None:
                 raise fail(errno.ENOENT)
             self._exchange(parent_old, name_old, moved, parent_new, name_new, self._inode(target_ino))
+            self.journal.record(actor, "rename", moved.id, path, new_path, exchange=True)
             return
         if moved.is_dir and self.meta.is_ancestor(moved.id, parent_new):
             raise fail(errno.EINVAL)
@@ -411,11 +496,13 @@ class Operations(pyfuse3.Operations):
         if target_ino is not None:
             replaced = self._inode(target_ino)
             self._check_replaceable(moved, replaced)
-            self.meta.remove_entry(parent_new, name_new)
+            self.meta.remove_entry(parent_new, name_new, target_ino)
             if replaced.is_dir:
                 new_folder.nlink -= 1
             self._drop_link(replaced, now)
-        self.meta.move_entry(parent_old, name_old, parent_new, name_new)
+        self.journal.record(actor, "rename", moved.id, path, new_path,
+                            **({"replaced_inode": target_ino} if target_ino is not None else {}))
+        self.meta.move_entry(parent_old, name_old, parent_new, name_new, moved.id)
         if moved.is_dir and parent_old != parent_new:
             old_folder.nlink -= 1
             new_folder.nlink += 1
@@ -423,6 +510,15 @@ class Operations(pyfuse3.Operations):
         self.meta.changed(moved)
         self._touch(old_folder, now)
         self._touch(new_folder, now)
+
+    def _mark_changed(self, handle: Handle) -> None:
+        if not handle.changed:
+            handle.changed = True
+            self.changers[handle.inode.id] = self.changers.get(handle.inode.id, 0) + 1
+
+    def handle_path(self, handle: Handle) -> str | None:
+        """Where an open file is now; where it was opened if it has no name left."""
+        return self.path_of(handle.inode.id) or handle.path
 
     def _check_replaceable(self, moved: Inode, replaced: Inode) -> None:
         if moved.is_dir and not replaced.is_dir:
@@ -458,32 +554,46 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         inode = self._inode(ino)
-        principal = self._principal(ctx)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            self._check_change(principal, ino)
+        actor, path = self._actor(ctx), self.path_of(ino)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        truncating = writing and bool(flags & os.O_TRUNC)
+        self._require(actor, EDITOR if writing else VIEWER, "open", ino, path)
+        if truncating:
+            self._check_change(actor, "open", path, ino)
             self._truncate(inode, 0, time.time_ns())
-        return self._new_handle(inode, flags, principal)
+        self.journal.record(actor, "open", ino, path, **open_details(flags))
+        return self._new_handle(inode, flags, actor, path, truncated=truncating)
 
     @fuse_handler
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        inode = self._make(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, ctx)
-        return self._new_handle(inode, flags, self._principal(ctx)), self._counted(inode)
+        actor = self._actor(ctx)
+        inode = self._make("create", parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, actor, ctx,
+                           **open_details(flags))
+        return self._new_handle(inode, flags, actor, self._child_path(parent, name)), self._counted(inode)
 
     @fuse_handler
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self.handles[fh].fd, size, offset)
+        handle = self.handles[fh]
+        self._require(handle.actor, VIEWER, "read", handle.inode.id, lambda: self.handle_path(handle))
+        data = os.pread(handle.fd, size, offset)
+        self.journal.tally(fh, "read", handle.actor, handle.inode.id, lambda: self.handle_path(handle),
+                           offset, len(data))
+        return data
 
     @fuse_handler
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         inode = handle.inode
-        self._check_change(handle.principal, inode.id)
+        self._require(handle.actor, EDITOR, "write", inode.id, lambda: self.handle_path(handle))
+        self._check_change(handle.actor, "write", lambda: self.handle_path(handle), inode.id)
         written = self.content.write(handle.fd, offset, data, inode.size)
         if offset + written > inode.size:
             inode.size = offset + written
         self._touch(inode, time.time_ns())
+        self._mark_changed(handle)
+        self.journal.tally(fh, "write", handle.actor, inode.id, lambda: self.handle_path(handle), offset, written)
         return written
 
     @fuse_handler
@@ -494,6 +604,14 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
+        self.journal.end_tallies(fh)
+        if handle.changed:
+            ino = handle.inode.id
+            self.changers[ino] -= 1
+            if not self.changers[ino]:
+                del self.changers[ino]
+                self.journal.record(handle.actor, "close_write", ino, self.handle_path(handle),
+                                    size=handle.inode.size)
         self.content.release(handle.inode.id)
         self._release_if_unreferenced(handle.inode.id)
 
@@ -510,6 +628,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+        self._require(self._actor(ctx), VIEWER, "opendir", ino, lambda: self.path_of(ino))
         if not self._inode(ino).is_dir:
             raise fail(errno.ENOTDIR)
         return ino
@@ -557,8 +676,11 @@ class Operations(pyfuse3.Operations):
         # The kernel asks this before every write(): answer from memory.
         if name == SECURITY_CAPABILITY and ino not in self._with_capabilities:
             raise fail(errno.ENODATA)
+        actor = self._actor(ctx)
+        if name != virtual_xattrs.WHOAMI:
+            self._require(actor, VIEWER, "getxattr", ino, lambda: self.path_of(ino))
         if virtual_xattrs.is_virtual(name) and self.virtual is not None:
-            return self.virtual.get(ino, name, self._principal(ctx))
+            return self.virtual.get(ino, name, actor.principal)
         self._check_xattr_name(name, ctx, changing=False)
         value = self.meta.xattr(ino, name)
         if value is None:
@@ -567,6 +689,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._require(self._actor(ctx), VIEWER, "listxattr", ino, lambda: self.path_of(ino))
         names = self.meta.xattr_names(ino)
         if ctx.uid != 0:
             names = [n for n in names if not n.startswith(b"trusted.")]
@@ -578,30 +701,37 @@ class Operations(pyfuse3.Operations):
         if len(value) > XATTR_SIZE_MAX:
             raise fail(errno.E2BIG)
         inode = self._inode(ino)
-        principal = self._principal(ctx)
+        actor = self._actor(ctx)
         if virtual_xattrs.is_virtual(name) and self.virtual is not None:
-            self.virtual.set(ino, name, value, principal, ctx.pid, ctx.uid)
+            self.virtual.set(ino, name, value, actor, self.path_of(ino))
             return
-        self._check_change(principal, ino)
+        path = self.path_of(ino)
+        self._require(actor, EDITOR, "setxattr", ino, path)
+        self._check_change(actor, "setxattr", path, ino)
         self.content.guard.claim(len(name) + len(value))
         self.meta.set_xattr(ino, name, value)
         if name == SECURITY_CAPABILITY:
             self._with_capabilities.add(ino)
         inode.ctime_ns = time.time_ns()
         self.meta.changed(inode)
+        self.journal.record(actor, "setxattr", ino, path, name=name.decode("utf-8", "backslashreplace"),
+                            size=len(value))
 
     @fuse_handler
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_xattr_name(name, ctx, changing=True)
         inode = self._inode(ino)
-        principal = self._principal(ctx)
+        actor = self._actor(ctx)
         if virtual_xattrs.is_virtual(name) and self.virtual is not None:
-            self.virtual.remove(ino, name, principal)
+            self.virtual.remove(ino, name, actor, self.path_of(ino))
             return
-        self._check_change(principal, ino)
+        path = self.path_of(ino)
+        self._require(actor, EDITOR, "removexattr", ino, path)
+        self._check_change(actor, "removexattr", path, ino)
         if not self.meta.remove_xattr(ino, name):
             raise fail(errno.ENODATA)
         if name == SECURITY_CAPABILITY:
             self._with_capabilities.discard(ino)
         inode.ctime_ns = time.time_ns()
         self.meta.changed(inode)
+        self.journal.record(actor, "removexattr", ino, path, name=name.decode("utf-8", "backslashreplace"))

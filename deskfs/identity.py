@@ -19,6 +19,7 @@ import logging
 import os
 import pwd
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +38,11 @@ MAX_ANCESTRY = 128
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (name TEXT PRIMARY KEY, uid INTEGER NOT NULL, bound_ns INTEGER NOT NULL);
 """
+
+
+def bind_agent(conn: sqlite3.Connection, name: str, uid: int) -> None:
+    """Bind agent `name` to Unix user `uid` (in the caller's transaction; the table exists)."""
+    conn.execute("INSERT OR REPLACE INTO agents (name, uid, bound_ns) VALUES (?, ?, ?)", (name, uid, time.time_ns()))
 
 
 def is_agent_name(name: str) -> bool:
@@ -106,15 +112,17 @@ class Identity:
 
     # -- bindings -----------------------------------------------------------------------------
 
+    def uid_of_agent(self, name: str) -> int | None:
+        """The Unix uid agent `name` is bound to, if it was ever used."""
+        return self._bindings.get(name)
+
     def may_use_agent(self, name: str, uid: int) -> bool:
         """Whether `uid` may act as agent `name`; binds the name to `uid` on first use."""
         owner = self._bindings.get(name)
         if owner is None:
             self._bindings[name] = uid
             self._meta.begin()
-            self._meta.conn.execute(
-                "INSERT OR REPLACE INTO agents (name, uid, bound_ns) VALUES (?, ?, ?)", (name, uid, time.time_ns())
-            )
+            bind_agent(self._meta.conn, name, uid)
             return True
         return owner == uid
 

@@ -240,10 +240,12 @@ class Leases:
             raise LockError(errno.ENODATA, "not locked")
         self._forget(inode, list(self.by_inode.get(inode, {})))
 
-    def end_session(self, session: int) -> None:
-        for (inode, principal), owner in list(self._sessions.items()):
-            if owner == session:
-                self._forget(inode, [principal])
+    def end_session(self, session: int) -> list[tuple[int, str]]:
+        """Release every lease the session took; returns them as (inode, principal)."""
+        ended = [key for key, owner in self._sessions.items() if owner == session]
+        for inode, principal in ended:
+            self._forget(inode, [principal])
+        return ended
 
     def expire(self) -> list[tuple[int, Holder]]:
         now = time.time_ns()
@@ -267,14 +269,46 @@ class Leases:
             self.by_inode.pop(inode, None)
 
 
+class KernelLockWatcher:
+    """Kernel locks taken and released since the last look, for the journal.
+
+    Sees what /proc/locks shows at each look, so a lock held for less than the interval between two
+    looks may pass unseen; enforcement does not depend on this (it reads /proc/locks at each change).
+    """
+
+    def __init__(self, kernel: KernelLocks) -> None:
+        self._kernel = kernel
+        self._seen: dict[tuple[int, Holder], int] = {}  # (inode, holder) -> uid of the holder
+
+    def changes(self) -> tuple[list[tuple[int, Holder, int]], list[tuple[int, Holder, int]]]:
+        """([(inode, holder, uid) taken], [(inode, holder, uid) released])."""
+        now = {(inode, h) for inode, held in self._kernel.held().items() for h in held}
+        taken = [(inode, h, self._uid(h.pid)) for inode, h in now if (inode, h) not in self._seen]
+        released = [(inode, h, uid) for (inode, h), uid in self._seen.items() if (inode, h) not in now]
+        for inode, h, _ in released:
+            del self._seen[(inode, h)]
+        for inode, h, uid in taken:
+            self._seen[(inode, h)] = uid
+        return sorted(taken, key=lambda t: t[1].since_ns), released
+
+    @staticmethod
+    def _uid(pid: int) -> int:
+        try:
+            return os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            return -1
+
+
 class LockTable:
     """Both kinds together: who holds what, and whether a change may go ahead."""
 
-    def __init__(self, kernel: KernelLocks, leases: Leases, parent_of: Callable[[int], int], root: int) -> None:
+    def __init__(self, kernel: KernelLocks, leases: Leases, parent_of: Callable[[int], int], root: int,
+                 may_lock: Callable[[str], bool]) -> None:
         self.kernel = kernel
         self.leases = leases
         self._parent_of = parent_of
         self._root = root
+        self._may_lock = may_lock  # a lock of someone with no right to lock (a viewer) binds no one
 
     def holders(self, inode: int) -> list[Holder]:
         return self.kernel.held().get(inode, []) + self.leases.held(inode)
@@ -297,7 +331,8 @@ class LockTable:
             return None
         def others(inode: int) -> list[Holder]:
             held = kernel.get(inode, []) + self.leases.held(inode)
-            return [h for h in held if h.whole and h.principal not in (principal, UNKNOWN)]
+            return [h for h in held
+                    if h.whole and h.principal not in (principal, UNKNOWN) and self._may_lock(h.principal)]
 
         locked = set(kernel) | set(self.leases.by_inode)
         for target in targets:

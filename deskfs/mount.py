@@ -1,7 +1,8 @@
 """The daemon: one store, one mount, one trio nursery that owns every background task.
 
 Owns the daemon's life: checking the mountpoint, running fsck after an unclean stop, mounting, the
-commit window, stopping on a signal or an external unmount, and the clean-shutdown mark.
+background tasks (commit window, lease expiry, the kernel lock watcher, journal retention, the control
+socket), stopping on a signal or an external unmount, and the clean-shutdown mark.
 
 Must never: stat the mountpoint once `pyfuse3.init` has mounted it and before `main()` serves (that
 deadlocks); leave the store marked clean after anything but an orderly close.
@@ -22,6 +23,7 @@ import trio
 from deskfs import control, mounts
 from deskfs.errors import DeskfsError
 from deskfs.fs import Operations
+from deskfs.journal import Actor
 from deskfs.layout import control_socket_path, daemon_pid
 from deskfs.store import Store
 from deskfs.store.fsck import fsck
@@ -30,6 +32,13 @@ log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.05  # seconds; a metadata change is durable against a daemon crash within this
 LEASE_EXPIRY_INTERVAL = 0.25  # seconds between sweeps of expired leases
+LOCK_WATCH_INTERVAL = 0.05  # seconds between looks at /proc/locks for the journal
+RETENTION_INTERVAL = 60.0  # seconds between applications of journal.retention
+
+
+def daemon_actor() -> Actor:
+    """The daemon itself, as the journal names it for what no user asked for (expiry, pruning, fsck)."""
+    return Actor("deskfs", os.getuid(), os.getpid())
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -75,6 +84,8 @@ def serve(
         repairs = [] if store.was_clean else fsck(store)
         for line in repairs:
             log.warning("fsck: %s", line)
+        if not store.was_clean:
+            store.journal.record(daemon_actor(), "fsck", repairs=repairs)
         operations = Operations(store)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options(store, allow_other))
@@ -85,6 +96,8 @@ def serve(
         if mount is None:
             raise DeskfsError(f"mounted at {mountpoint}, but the mount is not visible in /proc/self/mountinfo")
         operations.observe_kernel_locks(mount.device)
+        store.journal.record(daemon_actor(), "mount", mountpoint=mountpoint)
+        store.commit()
     except BaseException:
         store.close(clean=store.was_clean)
         raise
@@ -99,36 +112,65 @@ def serve(
         if poller is not None:
             poller.uninstall()
         pyfuse3.close(unmount=True)
+        store.journal.record(daemon_actor(), "unmount", mountpoint=mountpoint)
         store.close(clean=True)
         log.info("unmounted %s", mountpoint)
 
 
 async def _run(store: Store, operations: Operations, commit_interval: float) -> None:
+    feed = control.RecordFeed()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_commit_window, store, commit_interval)
+        nursery.start_soon(_commit_window, store, feed, commit_interval)
         nursery.start_soon(_expire_leases, operations)
+        nursery.start_soon(_watch_kernel_locks, operations)
+        nursery.start_soon(_apply_retention, store)
         nursery.start_soon(_stop_on_signal)
-        await nursery.start(control.serve, control_socket_path(store.path), operations)
+        await nursery.start(control.serve(control_socket_path(store.path), operations, feed))
         # Handlers never await, so one task serves requests best (no task switching per request).
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
-async def _commit_window(store: Store, interval: float) -> None:
+async def _commit_window(store: Store, feed: control.RecordFeed, interval: float) -> None:
     while True:
         await trio.sleep(interval)
+        committed = store.journal.committed_seq
         try:
             store.commit()
         except Exception:
             # Kept open and retried at the next window: the space guard leaves room, so this is rare.
             log.exception("commit failed; retrying")
+        if store.journal.committed_seq != committed:
+            feed.notify()
 
 
 async def _expire_leases(operations: Operations) -> None:
     while True:
         await trio.sleep(LEASE_EXPIRY_INTERVAL)
         for inode, holder in operations.leases.expire():
-            log.info("lease expired: inode %d, %s", inode, holder.describe())
+            operations.journal.record(daemon_actor(), "lease_expired", inode, operations.path_of(inode),
+                                      holder=holder.principal, mode=holder.mode)
+
+
+async def _watch_kernel_locks(operations: Operations) -> None:
+    """Journal kernel locks (flock, fcntl, OFD) as they are taken and released."""
+    while True:
+        await trio.sleep(LOCK_WATCH_INTERVAL)
+        if operations.lock_watcher is None:
+            continue
+        taken, released = operations.lock_watcher.changes()
+        for op, events in (("lock", taken), ("unlock", released)):
+            for inode, holder, uid in events:
+                operations.journal.record(Actor(holder.principal, uid, holder.pid), op, inode,
+                                          operations.path_of(inode), kind=holder.kind, mode=holder.mode,
+                                          byte_range=not holder.whole)
+
+
+async def _apply_retention(store: Store) -> None:
+    """Prune journal records older than `journal.retention`, a batch per commit window."""
+    while True:
+        await control.apply_retention(store, daemon_actor(), COMMIT_INTERVAL)
+        await trio.sleep(RETENTION_INTERVAL)
 
 
 async def _stop_on_signal() -> None:

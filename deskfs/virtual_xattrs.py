@@ -5,7 +5,8 @@
   renews a lease, set `break` removes every lease (workspace owner only); remove releases the caller's).
 - `user.deskfs.locks` (get, on the root): every lock in the workspace, as JSON.
 
-Owns the text formats of these values and who may do what with them.
+Owns the text formats of these values, who may do what with them, and journaling lease changes and
+refusals (`lock`, `unlock`, `lock_break`).
 Must never: store anything in the real xattr table; let another principal release a lease.
 """
 
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import errno
 import json
+from contextlib import contextmanager
+from typing import Iterator
 
+from deskfs.access import EDITOR, OWNER, Access
 from deskfs.identity import Identity
+from deskfs.journal import Actor, Journal
 from deskfs.locks import Holder, LeaseRequest, LockError, LockTable, iso
 from deskfs.store.meta import ROOT_INODE, Meta
 
@@ -38,11 +43,12 @@ def holder_json(path: str, holder: Holder) -> dict:
 
 
 class VirtualXattrs:
-    def __init__(self, identity: Identity, locks: LockTable, meta: Meta, owner_uid: int) -> None:
+    def __init__(self, identity: Identity, locks: LockTable, meta: Meta, journal: Journal, access: Access) -> None:
         self.identity = identity
         self.locks = locks
         self.meta = meta
-        self.owner_uid = owner_uid
+        self.journal = journal
+        self.access = access
 
     def get(self, ino: int, name: bytes, principal: str) -> bytes:
         if name == WHOAMI:
@@ -65,20 +71,40 @@ class VirtualXattrs:
             listed += [holder_json(path.decode("utf-8", "surrogateescape"), h) for h in holders]
         return listed
 
-    def set(self, ino: int, name: bytes, value: bytes, principal: str, pid: int, uid: int) -> None:
+    def set(self, ino: int, name: bytes, value: bytes, actor: Actor, path: str | None) -> None:
         if name != LOCK:
             raise LockError(errno.EPERM, "read-only attribute")
         if value.strip() == BREAK:
-            if uid != self.owner_uid:
-                raise LockError(errno.EPERM, "only the workspace owner may break a lease")
-            self.locks.leases.break_all(ino)
+            with self._journaled(actor, "lock_break", ino, path):
+                if self.access.role(actor.principal) < OWNER:
+                    raise LockError(errno.EPERM, "only the workspace owner may break a lease")
+                self.locks.leases.break_all(ino)
             return
         request = LeaseRequest.parse(value)
-        session = self.identity.session_of(pid, uid)
-        self.locks.leases.take(ino, principal, pid, request, session.id if session else None,
-                               self.locks.kernel.held().get(ino, []))
+        session = self.identity.session_of(actor.pid, actor.uid)
+        with self._journaled(actor, "lock", ino, path, kind="lease", mode=request.mode, ttl=request.ttl):
+            self._require_editor(actor)
+            self.locks.leases.take(ino, actor.principal, actor.pid, request, session.id if session else None,
+                                   self.locks.kernel.held().get(ino, []))
 
-    def remove(self, ino: int, name: bytes, principal: str) -> None:
+    def remove(self, ino: int, name: bytes, actor: Actor, path: str | None) -> None:
         if name != LOCK:
             raise LockError(errno.EPERM, "read-only attribute")
-        self.locks.leases.release(ino, principal)
+        with self._journaled(actor, "unlock", ino, path, kind="lease"):
+            self._require_editor(actor)
+            self.locks.leases.release(ino, actor.principal)
+
+    def _require_editor(self, actor: Actor) -> None:
+        if self.access.role(actor.principal) < EDITOR:
+            raise LockError(errno.EACCES, "only editors and the owner may lock")
+
+    @contextmanager
+    def _journaled(self, actor: Actor, op: str, ino: int, path: str | None, **details: object) -> Iterator[None]:
+        """Journal `op` when the body succeeds, and as denied when the body refuses it (EBUSY, EPERM)."""
+        try:
+            yield
+        except LockError as exc:
+            if exc.errno in (errno.EBUSY, errno.EPERM, errno.EACCES):
+                self.journal.record(actor, op, ino, path, errno=exc.errno, reason=str(exc), **details)
+            raise
+        self.journal.record(actor, op, ino, path, **details)

@@ -54,6 +54,10 @@ class Workspace:
         deskfs("unmount", str(self.mnt))
         self.mounted = False
 
+    def invite(self, principal: str, role: str = "editor") -> None:
+        """Make `principal` a member (other Unix users are none until invited by the owner, root here)."""
+        deskfs("invite", principal, "--role", role, "--mount", str(self.mnt))
+
     @property
     def daemon_pid(self) -> int:
         return int((self.store / "run" / "daemon.lock").read_text().strip())

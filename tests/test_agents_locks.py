@@ -333,6 +333,8 @@ def shared_ws(make_workspace, tmp_path, users):
     for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
         os.chmod(folder, os.stat(folder).st_mode | 0o711)
     ws = make_workspace("ws", True, "--allow-other")
+    for name in USERS:
+        ws.invite(f"user:{name}")
     os.chmod(ws.mnt, 0o777)
     return ws
 

@@ -54,11 +54,13 @@ def objects_of(store: Path) -> set[int]:
 
 
 @pytest.fixture
-def shared(make_workspace, tmp_path):
+def shared(make_workspace, tmp_path, users):
     """A workspace mounted with --allow-other, reachable by other users, with a world-writable folder `pub`."""
     for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest's temp folders are 0700
         os.chmod(folder, stat.S_IMODE(os.stat(folder).st_mode) | 0o011)
     ws = make_workspace("ws", True, "--allow-other")
+    for name in TEST_USERS:
+        ws.invite(f"user:{name}")
     run("mkdir pub && chmod 0777 pub", cwd=ws.mnt)
     return ws
 

@@ -13,15 +13,19 @@ from __future__ import annotations
 import os
 import time
 
+from deskfs.access import add_owner
 from deskfs.errors import DeskfsError
+from deskfs.journal import Journal
 from deskfs.layout import check_is_store, db_path, lock_path, log_path, take_daemon_lock
 from deskfs.store import meta
 from deskfs.store.content import Content, SpaceGuard
 from deskfs.store.meta import Meta
 
 
-def init_store(store_path: str, uid: int, gid: int) -> None:
-    """Create an empty store; refuses a folder that already holds one or anything else."""
+def init_store(store_path: str, uid: int, gid: int, owner: str) -> None:
+    """Create an empty store owned by principal `owner`; refuses a folder that holds one or anything else."""
+    from deskfs import identity  # here: identity's own imports reach this package
+
     store_path = os.path.abspath(store_path)
     if os.path.exists(db_path(store_path)):
         raise DeskfsError(f"{store_path} is already a deskfs store")
@@ -34,6 +38,10 @@ def init_store(store_path: str, uid: int, gid: int) -> None:
     try:
         meta.create_schema(conn, uid, gid, time.time_ns())
         conn.execute("INSERT INTO settings (key, value) VALUES ('owner_uid', ?)", (str(uid),))
+        add_owner(conn, owner, time.time_ns())
+        conn.executescript(identity.SCHEMA)
+        if owner.startswith("agent:"):  # the agent is this Unix user's: nobody else may claim it first
+            identity.bind_agent(conn, owner[len("agent:"):], uid)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
@@ -72,6 +80,7 @@ class Store:
             self.conn = meta.connect(db_path(self.path))
             self.meta = Meta(self.conn)
             self._check_format()
+            self.journal = Journal(self.conn, self.meta.begin)
         except Exception:
             os.close(self._lock_fd)
             raise
@@ -104,9 +113,12 @@ class Store:
         self.meta.commit()
 
     def commit(self) -> None:
-        """End the commit window: dirty inodes and every pending change become one transaction."""
+        """End the commit window: dirty inodes, pending changes and their journal records, one transaction."""
+        if self.journal.has_pending:
+            self.journal.flush()
         if self.meta.has_pending:
             self.meta.commit()
+            self.journal.committed()
 
     def sync(self) -> None:
         """Commit and make the commit durable (a client's fsync waits for this)."""
@@ -124,6 +136,7 @@ class Store:
     def close(self, clean: bool = True) -> None:
         self.content.close_all()
         if clean:
+            self.commit()
             self.meta.set_setting("clean", "1")
             self.meta.commit()
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

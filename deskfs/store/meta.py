@@ -92,6 +92,13 @@ def connect(db_path: str) -> sqlite3.Connection:
     return conn
 
 
+def connect_read_only(db_path: str) -> sqlite3.Connection:
+    """A connection that can only read (queries by the CLI, or in the daemon's worker threads)."""
+    from urllib.request import pathname2url
+
+    return sqlite3.connect(f"file:{pathname2url(db_path)}?mode=ro", uri=True, check_same_thread=False)
+
+
 def create_schema(conn: sqlite3.Connection, root_uid: int, root_gid: int, now_ns: int) -> None:
     conn.executescript(SCHEMA)
     conn.execute("BEGIN")
@@ -113,6 +120,8 @@ class Meta:
         self.conn = conn
         self.cache: dict[int, Inode] = {}
         self.dirty: set[Inode] = set()
+        # One (parent, name) of each inode the kernel refers to: paths for the journal without SQL.
+        self.names: dict[int, tuple[int, bytes]] = {}
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -186,6 +195,7 @@ class Meta:
         inode = self.cache.pop(ino, None)
         if inode is not None:
             self.dirty.discard(inode)
+        self.names.pop(ino, None)
         self.conn.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self.conn.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.conn.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
@@ -193,6 +203,7 @@ class Meta:
     def evict(self, ino: int) -> None:
         """Drop an inode the kernel no longer refers to from the cache (written back first if dirty)."""
         inode = self.cache.pop(ino, None)
+        self.names.pop(ino, None)
         if inode is not None and inode in self.dirty:
             self._write_inodes([inode])
 
@@ -200,25 +211,33 @@ class Meta:
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         row = self.conn.execute("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
-        return row[0] if row else None
+        if row is None:
+            return None
+        self.names[row[0]] = (parent, name)
+        return row[0]
 
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
         self.begin()
         self.conn.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
+        self.names[ino] = (parent, name)
 
-    def remove_entry(self, parent: int, name: bytes) -> None:
+    def remove_entry(self, parent: int, name: bytes, ino: int) -> None:
         self.begin()
         self.conn.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        if self.names.get(ino) == (parent, name):
+            del self.names[ino]  # another name (a hard link) is found through SQL when next needed
 
     def repoint_entry(self, parent: int, name: bytes, ino: int) -> None:
         self.begin()
         self.conn.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name))
+        self.names[ino] = (parent, name)
 
-    def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+    def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes, ino: int) -> None:
         self.begin()
         self.conn.execute(
             "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?", (new_parent, new_name, parent, name)
         )
+        self.names[ino] = (new_parent, new_name)
 
     def has_entries(self, ino: int) -> bool:
         return self.conn.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)).fetchone() is not None
@@ -234,8 +253,8 @@ class Meta:
         """The parent of a folder (folders have exactly one entry); the root is its own parent."""
         if dir_ino == ROOT_INODE:
             return ROOT_INODE
-        row = self.conn.execute("SELECT parent FROM dentries WHERE inode=? LIMIT 1", (dir_ino,)).fetchone()
-        return row[0] if row else ROOT_INODE
+        found = self.name_of(dir_ino)
+        return found[0] if found else ROOT_INODE
 
     def is_ancestor(self, ancestor: int, ino: int) -> bool:
         """Whether folder `ancestor` is `ino` or lies on the path from `ino` to the root."""
@@ -246,16 +265,32 @@ class Meta:
                 return False
             ino = self.parent_of(ino)
 
-    def path_of(self, ino: int) -> bytes | None:
-        """One path of an inode relative to the root, or None when it has no entry left."""
-        parts: list[bytes] = []
-        while ino != ROOT_INODE:
+    def name_of(self, ino: int) -> tuple[int, bytes] | None:
+        """One (parent, name) of an inode, or None when it has no entry left."""
+        known = self.names.get(ino)
+        if known is None:
             row = self.conn.execute("SELECT parent, name FROM dentries WHERE inode=? LIMIT 1", (ino,)).fetchone()
             if row is None:
                 return None
-            ino, name = row
+            known = (row[0], row[1])
+        return known
+
+    def path_of(self, ino: int) -> bytes | None:
+        """One path of an inode from the workspace root (`/a/b`), or None when it has no entry left."""
+        parts: list[bytes] = []
+        for _ in range(4096):  # deeper than PATH_MAX allows; a loop here would be a damaged store
+            if ino == ROOT_INODE:
+                return b"/" + b"/".join(reversed(parts))
+            found = self.name_of(ino)
+            if found is None:
+                return None
+            ino, name = found
             parts.append(name)
-        return b"/" + b"/".join(reversed(parts))
+        return None
+
+    def child_path(self, parent: int, name: bytes) -> bytes | None:
+        folder = self.path_of(parent)
+        return None if folder is None else folder.rstrip(b"/") + b"/" + name
 
     # -- symlinks and xattrs ------------------------------------------------------------------
 

@@ -1,0 +1,885 @@
+"""The audit journal on a real deskfs mount: what is recorded, how it is queried, and that it holds.
+
+Every actor is its own process (an agent is a process with DESKFS_AGENT=NAME in its environment, another
+Unix user runs through setpriv), and the journal is read through `deskfs log` (or `deskfs log --store`
+on an unmounted store), `deskfs status` and, for the hash chain, sqlite3.
+
+Covered: a two-agent session recorded exactly and in order; coalescing of 100,000 write() calls;
+the journal agreeing with the tree after kill -9 of the daemon, and a hand-edited record named by
+--verify; --follow; the query filters and bad input; a journal of 1,000,000 records queried through
+its indexes; retention; inotify on the mount; `deskfs status`; refused requests (EBUSY, lease break by
+a non-owner, impersonation); a non-owner reader seeing only the records of paths it may read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import pwd
+import re
+import select
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from conftest import DESKFS, deskfs, run
+
+USERS = ("deskfs-u1",)
+LOCK = "user.deskfs.lock"
+CHANGE_OPS = ("close_write", "create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename",
+              "setattr", "setxattr", "removexattr")
+HUMAN_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d{3}  \S+  .+$")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "DESKFS_AGENT"}
+
+
+def agent_env(name: str | None) -> dict[str, str]:
+    env = base_env()
+    if name is not None:
+        env["DESKFS_AGENT"] = name
+    return env
+
+
+def as_agent(name: str | None, code: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a python snippet in its own process as agent `name` (root's agent)."""
+    return run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=agent_env(name), check=check)
+
+
+def as_user(user: str, *command: str, agent: str | None = None) -> list[str]:
+    """`command` as Unix user `user` with a clean environment (plus DESKFS_AGENT=agent if given)."""
+    pw = pwd.getpwnam(user)
+    prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--reset-env", "env"]
+    if agent is not None:
+        prefix.append(f"DESKFS_AGENT={agent}")
+    return [*prefix, *command]
+
+
+def user_deskfs(user: str) -> list[str]:
+    """The `deskfs` command as Unix user `user` can run it (the system python if the venv is out of reach)."""
+    probe = run(as_user(user, DESKFS, "--help"), cwd="/", check=False)
+    if probe.returncode == 0:
+        return [DESKFS]
+    import deskfs as package
+    root = str(Path(package.__file__).resolve().parent.parent)
+    return ["env", f"PYTHONPATH={root}", "/usr/bin/python3", "-m", "deskfs"]
+
+
+def log(ws, *args: str, cwd: Path | str | None = None) -> list[dict]:
+    """Every record `deskfs log --json --limit 0 ARGS` prints (run inside the mount unless `cwd`)."""
+    result = deskfs("log", "--json", "--limit", "0", *args, cwd=cwd or ws.mnt, env=base_env())
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def wait_log(ws, predicate, what: str, *args: str, timeout: float = 10.0) -> list[dict]:
+    """Poll `deskfs log` until `predicate(records)` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = log(ws, *args)
+        if predicate(records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; journal:\n"
+                                 + "\n".join(json.dumps(r) for r in records[-30:]))
+        time.sleep(0.05)
+
+
+def has(records: list[dict], **fields) -> bool:
+    return any(all(r.get(k) == v for k, v in fields.items()) for r in records)
+
+
+def key(r: dict) -> tuple:
+    return (r["principal"], r["op"], r["path"], r["path2"], r["errno"])
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    text = (result.stdout + result.stderr).strip()
+    assert text and "\n" not in text, f"expected one line, got {text!r}"
+    assert "Traceback" not in text
+    return text
+
+
+class Lines:
+    """Lines of a child's pipe, awaited with select and a deadline."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+        self.closed = False
+
+    def next(self, timeout: float) -> str | None:
+        """The next line, or None if none came within `timeout` seconds (or the pipe closed)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.closed:
+                return None
+            ready, _, _ = select.select([self.stream], [], [], left)
+            if ready:
+                chunk = os.read(self.stream.fileno(), 65536)
+                if not chunk:
+                    self.closed = True
+                    return None
+                self.buffer += chunk
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer[:] = rest
+        return line.decode()
+
+    def until(self, predicate, timeout: float, what: str) -> tuple[str, float]:
+        """The first line satisfying `predicate` and the monotonic time it was read."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            line = self.next(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"no line {what} within {timeout} s; got: {seen[-20:]}")
+            arrived = time.monotonic()
+            seen.append(line)
+            if predicate(line):
+                return line, arrived
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def users() -> dict[str, pwd.struct_passwd]:
+    """Unix user deskfs-u1 (created once, kept between runs)."""
+    for name in USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            result = subprocess.run(["useradd", "-M", "-U", "-s", "/bin/sh", name], capture_output=True, text=True)
+            if result.returncode not in (0, 9):  # 9: exists (another run raced us)
+                raise AssertionError(f"useradd {name}: {result.stderr}")
+    return {name: pwd.getpwnam(name) for name in USERS}
+
+
+@pytest.fixture
+def shared_ws(make_workspace, tmp_path, users):
+    """A workspace mounted with --allow-other, reachable by the test users."""
+    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
+        os.chmod(folder, os.stat(folder).st_mode | 0o711)
+    ws = make_workspace("ws", True, "--allow-other")
+    os.chmod(ws.mnt, 0o777)
+    return ws
+
+
+@pytest.fixture
+def procs():
+    """Background processes of a test, killed at its end whatever happened."""
+    made: list[subprocess.Popen] = []
+    yield made
+    for proc in made:
+        stop(proc)
+
+
+# -- 1. a scripted session of two agents --------------------------------------------------------
+
+
+def test_two_agent_session_is_recorded_in_order(ws):
+    mnt = ws.mnt
+    as_agent("alice", """
+        import os
+        os.mkdir("reports")
+        fd = os.open("reports/q3.md", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"q3 numbers\\n")
+        os.close(fd)
+    """, mnt)
+    # close() does not wait for the daemon's release: the close_write is awaited before bob acts.
+    wait_log(ws, lambda rs: has(rs, op="close_write", path="/reports/q3.md"), "alice's close_write")
+    as_agent("bob", """
+        import os
+        assert open("reports/q3.md").read() == "q3 numbers\\n"
+        os.rename("reports/q3.md", "reports/q3-final.md")
+    """, mnt)
+    lease = run(["setfattr", "-n", LOCK, "-v", "exclusive", str(mnt / "reports/q3-final.md")], cwd="/",
+                env=agent_env("alice"))
+    assert lease.returncode == 0
+    refused = as_agent("bob", """
+        import errno, os
+        fd = os.open("reports/q3-final.md", os.O_WRONLY)
+        try:
+            os.write(fd, b"bob was here")
+        except OSError as e:
+            print(errno.errorcode[e.errno])
+        os.close(fd)
+    """, mnt)
+    assert refused.stdout.strip() == "EBUSY"
+    as_agent("alice", "import os; os.unlink('reports/q3-final.md')", mnt)
+
+    changes = log(ws, "--op", "mkdir,create,write,close_write,rename,lock,unlock,unlink")
+    assert [key(r) for r in changes] == [
+        ("agent:alice", "mkdir", "/reports", None, None),
+        ("agent:alice", "create", "/reports/q3.md", None, None),
+        ("agent:alice", "write", "/reports/q3.md", None, None),
+        ("agent:alice", "close_write", "/reports/q3.md", None, None),
+        ("agent:bob", "rename", "/reports/q3.md", "/reports/q3-final.md", None),
+        ("agent:alice", "lock", "/reports/q3-final.md", None, None),
+        ("agent:bob", "write", "/reports/q3-final.md", None, 16),
+        ("agent:alice", "unlink", "/reports/q3-final.md", None, None),
+    ]
+    by_op = {r["op"]: r for r in changes}
+    assert by_op["create"]["details"] == {"access": "write", "flags": ["O_CREAT", "O_EXCL"], "mode": "0644"}
+    assert by_op["write"]["details"] == {"calls": 1, "bytes": 11, "ranges": [[0, 11]]}
+    assert by_op["close_write"]["details"] == {"size": 11}
+    assert by_op["lock"]["details"] == {"kind": "lease", "mode": "exclusive", "ttl": 300}
+    denied = [r for r in changes if r["denied"]]
+    assert len(denied) == 1 and denied[0]["errno"] == 16 and "agent:alice" in denied[0]["details"]["locked_by"]
+    assert all(isinstance(r["seq"], int) and isinstance(r["time_ns"], int) and r["uid"] == 0 for r in changes)
+    assert [r["seq"] for r in changes] == sorted(r["seq"] for r in changes)
+
+    # Opens and reads are recorded too, with how the file was opened.
+    everything = log(ws)
+    opens = [(r["principal"], r["path"], r["details"]["access"], r["details"]["flags"])
+             for r in everything if r["op"] == "open"]
+    assert ("agent:bob", "/reports/q3.md", "read", []) in opens
+    assert ("agent:bob", "/reports/q3-final.md", "write", []) in opens
+    reads = [r for r in everything if r["op"] == "read" and r["principal"] == "agent:bob"]
+    assert sum(r["details"]["bytes"] for r in reads) == 11, reads
+    assert {r["principal"] for r in everything} >= {"agent:alice", "agent:bob", "deskfs"}
+
+    human = deskfs("log", "--limit", "0", cwd=mnt, env=base_env()).stdout.splitlines()
+    assert all(HUMAN_LINE.match(line) for line in human), human
+    for expected in (
+        "  agent:alice  made folder  /reports  (mode 0755)",
+        "  agent:alice  created  /reports/q3.md  (access write, flags O_CREAT,O_EXCL, mode 0644)",
+        "  agent:alice  wrote  /reports/q3.md  (1 write, 11 B)",
+        "  agent:alice  closed after writing  /reports/q3.md  (size 11)",
+        "  agent:bob  opened  /reports/q3.md  (access read)",
+        "  agent:bob  renamed  /reports/q3.md -> /reports/q3-final.md",
+        "  agent:alice  locked  /reports/q3-final.md  (kind lease, mode exclusive, ttl 300)",
+        "  agent:bob  DENIED write  /reports/q3-final.md  (EBUSY",
+        "  agent:alice  deleted  /reports/q3-final.md",
+    ):
+        assert any(expected in line for line in human), f"{expected!r} not in:\n" + "\n".join(human)
+
+
+# -- 2. coalescing ------------------------------------------------------------------------------
+
+
+def test_100000_one_byte_writes_become_one_record_per_commit_window(ws):
+    writer = as_agent("w", """
+        import os, time
+        fd = os.open("many.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        start = time.monotonic()
+        for _ in range(100_000):
+            os.write(fd, b"x")
+        print(time.monotonic() - start)
+        os.close(fd)
+    """, ws.mnt)
+    elapsed = float(writer.stdout)
+    records = wait_log(ws, lambda rs: has(rs, op="close_write"), "the close_write", "--path", "/many.bin")
+    writes = [r for r in records if r["op"] == "write"]
+    assert all(r["principal"] == "agent:w" for r in writes)
+    assert sum(r["details"]["calls"] for r in writes) == 100_000
+    assert sum(r["details"]["bytes"] for r in writes) == 100_000
+    # One record per handle per 50 ms commit window: never more records than windows the writing spanned
+    # (100,000 FUSE round trips take seconds, so "a handful" means that many windows, not 100,000 rows).
+    assert len(writes) <= elapsed / 0.05 + 3, (len(writes), elapsed)
+    assert len(writes) <= 100_000 // 50, len(writes)
+    # Sequential 1-byte writes: each record holds one range, and the ranges tile [0, 100000).
+    ranges = [rng for r in writes for rng in r["details"]["ranges"]]
+    assert len(ranges) == len(writes)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100_000
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), ranges
+    closes = [r for r in records if r["op"] == "close_write"]
+    assert [(c["principal"], c["details"]) for c in closes] == [("agent:w", {"size": 100_000})]
+    assert closes[0]["seq"] > writes[-1]["seq"]
+
+
+# -- 3. a crash, the tree, and the hash chain ---------------------------------------------------
+
+
+CHURN = textwrap.dedent(
+    """
+    import os, sys
+    base = sys.argv[1]
+    i = 0
+    try:
+        while True:
+            d = f"{base}/d{i}"
+            os.mkdir(d)
+            fd = os.open(f"{d}/f", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"x" * 100)
+            os.close(fd)
+            os.rename(f"{d}/f", f"{d}/g")
+            os.symlink("g", f"{d}/s")
+            os.link(f"{d}/g", f"{d}/h")
+            if i % 2:
+                os.unlink(f"{d}/g")
+            if i % 3 == 0:
+                for name in ("s", "h", "g"):
+                    if os.path.lexists(f"{d}/{name}"):
+                        os.unlink(f"{d}/{name}")
+                os.rmdir(d)
+            if i % 5 == 4 and os.path.isdir(f"{base}/d{i - 1}"):
+                os.rename(f"{base}/d{i - 1}", f"{base}/moved{i - 1}")
+            i += 1
+            print(i, flush=True)
+    except OSError as e:
+        print("stopped", e.errno, flush=True)
+    """
+)
+
+
+def replay(records: list[dict]) -> set[str]:
+    """The set of paths the journal's tree-changing records leave, replayed in order."""
+    paths: set[str] = set()
+
+    def under(root: str) -> set[str]:
+        return {p for p in paths if p == root or p.startswith(root + "/")}
+
+    for r in sorted(records, key=lambda r: r["seq"]):
+        if r["errno"] is not None:
+            continue
+        op, path, path2 = r["op"], r["path"], r["path2"]
+        if op in ("create", "mkdir", "mknod", "symlink"):
+            paths.add(path)
+        elif op == "link":
+            paths.add(path2)
+        elif op in ("unlink", "rmdir"):
+            paths.discard(path)
+        elif op == "rename":
+            moving, replaced = under(path), under(path2)
+            if (r["details"] or {}).get("exchange"):
+                paths -= moving | replaced
+                paths |= {path2 + p[len(path):] for p in moving} | {path + p[len(path2):] for p in replaced}
+            else:
+                paths -= moving | replaced
+                paths |= {path2 + p[len(path):] for p in moving}
+    return paths
+
+
+def tree(mnt: Path) -> set[str]:
+    found = set()
+    for folder, dirs, files in os.walk(mnt):
+        for name in dirs + files:
+            found.add("/" + os.path.relpath(os.path.join(folder, name), mnt))
+    return found
+
+
+def test_journal_matches_tree_after_kill_9_and_verify_names_an_edited_record(ws, procs):
+    (ws.mnt / "churn").mkdir()
+    churn = subprocess.Popen([sys.executable, "-c", CHURN, str(ws.mnt / "churn")], cwd="/", env=agent_env("churner"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(churn)
+    lines = Lines(churn.stdout)
+    lines.until(lambda line: line.isdigit() and int(line) >= 150, 60, "reporting 150 rounds")
+    ws.kill_daemon()  # mid-run: the churner is between two operations or inside one
+    last, _ = lines.until(lambda line: line.startswith("stopped"), 30, "saying it stopped")
+    assert churn.wait(timeout=30) == 0, churn.stderr.read()
+
+    mount = ws.mount()
+    assert "mounted" in mount.stdout
+    records = log(ws)
+    assert records[-1]["op"] == "mount"
+    assert has(records, op="fsck", principal="deskfs")
+    assert len([r for r in records if r["op"] == "mkdir"]) > 150
+    journaled = replay(records)
+    actual = tree(ws.mnt)
+    assert journaled - actual == set(), "journaled but not in the tree"
+    assert actual - journaled == set(), "in the tree but not journaled"
+    verified = deskfs("log", "--verify", cwd=ws.mnt, env=base_env())
+    assert re.fullmatch(r"journal verified: (\d+) records, hash chain intact\n", verified.stdout), verified.stdout
+    assert int(verified.stdout.split()[2]) == records[-1]["seq"]
+
+    # A record altered behind deskfs's back is named, by the store and by the daemon.
+    ws.unmount()
+    db = ws.store / "deskfs.db"
+    run(["sqlite3", str(db), "UPDATE journal SET principal='agent:mallory' WHERE seq=5;"], cwd="/")
+    offline = deskfs("log", "--verify", "--store", str(ws.store), check=False, cwd="/")
+    assert offline.returncode == 1, offline.stdout + offline.stderr
+    assert "record 5 " in one_line(offline) and "does not match its hash" in offline.stderr
+    ws.mount()
+    (ws.mnt / "after-tamper.txt").write_text("still works\n")
+    assert (ws.mnt / "after-tamper.txt").read_text() == "still works\n"
+    wait_log(ws, lambda rs: has(rs, op="close_write", path="/after-tamper.txt"), "the new file's close_write")
+    online = deskfs("log", "--verify", check=False, cwd=ws.mnt, env=base_env())
+    assert online.returncode == 1, online.stdout + online.stderr
+    assert "record 5 " in one_line(online)
+    assert log(ws, "--principal", "agent:mallory")[0]["seq"] == 5
+
+
+# -- 4. --follow --------------------------------------------------------------------------------
+
+
+FOLLOW_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    for name in sys.stdin:
+        fd = os.open(name.strip(), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"news\\n")
+        print(time.monotonic(), flush=True)  # CLOCK_MONOTONIC: the same clock in every process
+        os.close(fd)
+    """
+)
+
+
+def test_follow_sees_a_new_write_within_100_ms(ws, procs):
+    follower = subprocess.Popen([DESKFS, "log", "--follow", "--json", "--op", "write,close_write"], cwd=ws.mnt,
+                                env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(follower)
+    writer = subprocess.Popen([sys.executable, "-c", FOLLOW_WRITER], cwd=ws.mnt, env=agent_env("news"),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+    procs.append(writer)
+    out, written = Lines(follower.stdout), Lines(writer.stdout)
+
+    def write(name: str) -> float:
+        writer.stdin.write(name.encode() + b"\n")
+        writer.stdin.flush()
+        line = written.next(10)
+        assert line is not None, writer.stderr.read()
+        return float(line)
+
+    def record_of(name: str, op: str):
+        return lambda line: (r := json.loads(line))["path"] == f"/{name}" and r["op"] == op
+
+    # Warm up: the follower is connected and streaming once the first record reaches it.
+    write("warm.txt")
+    line, _ = out.until(record_of("warm.txt", "write"), 10, "for warm.txt")
+    first = json.loads(line)
+    assert first["principal"] == "agent:news" and first["details"]["bytes"] == 5
+    out.until(record_of("warm.txt", "close_write"), 10, "closing warm.txt")
+
+    delays = []
+    for attempt in range(3):  # a loaded machine may miss once; the behaviour is that it can keep up
+        name = f"news{attempt}.txt"
+        returned = write(name)
+        line, arrived = out.until(record_of(name, "write"), 10, f"for {name}")
+        delays.append(arrived - returned)
+        assert json.loads(line)["principal"] == "agent:news"
+        out.until(record_of(name, "close_write"), 10, f"closing {name}")
+        if delays[-1] < 0.1:
+            break
+    assert min(delays) < 0.1, delays
+    # Only the operations asked for were streamed.
+    stop(follower)
+    rest = [json.loads(line) for line in out.buffer.decode().splitlines()]
+    assert all(r["op"] in ("write", "close_write") for r in rest)
+
+
+# -- 5. queries ---------------------------------------------------------------------------------
+
+
+def test_log_filters_and_bad_input(ws):
+    mnt = ws.mnt
+    as_agent("a1", """
+        import os
+        os.mkdir("reports")
+        open("reports/q1.md", "w").write("q1")
+        open("reports/data.csv", "w").write("1,2")
+    """, mnt)
+    as_agent("a2", """
+        import os
+        os.makedirs("deep/x")
+        os.mkdir("notes")
+        open("deep/x/y.md", "w").write("y")
+        open("notes/n.md", "w").write("n")
+    """, mnt)
+    (mnt / "top.md").write_text("top")
+    assert run(["setfattr", "-n", LOCK, "-v", "exclusive", str(mnt / "notes/n.md")], cwd="/",
+               env=agent_env("a2")).returncode == 0
+    out = as_agent("a1", """
+        import os
+        fd = os.open("notes/n.md", os.O_WRONLY)
+        try:
+            os.write(fd, b"a1")
+        except OSError as e:
+            print(e.errno)
+    """, mnt)
+    assert out.stdout.strip() == "16"
+    files = ("/reports/q1.md", "/reports/data.csv", "/deep/x/y.md", "/notes/n.md", "/top.md")
+    full = wait_log(ws, lambda rs: all(has(rs, op="close_write", path=f) for f in files), "every close_write")
+    assert full == log(ws), "the journal changed while nothing happened"
+
+    def seqs(records: list[dict]) -> list[int]:
+        return [r["seq"] for r in records]
+
+    def expect(records: list[dict], keep) -> None:
+        wanted = [r for r in full if keep(r)]
+        assert wanted, "a filter test needs records to find"
+        assert seqs(records) == seqs(wanted)
+
+    expect(log(ws, "--agent", "a1"), lambda r: r["principal"] == "agent:a1")
+    expect(log(ws, "--agent", "a1", "--agent", "a2"), lambda r: r["principal"] in ("agent:a1", "agent:a2"))
+    expect(log(ws, "--principal", "user:root"), lambda r: r["principal"] == "user:root")
+    expect(log(ws, "--path", "reports/*.md"), lambda r: r["path"] == "/reports/q1.md")
+    expect(log(ws, "--path", "*.md", cwd=mnt / "reports"), lambda r: r["path"] == "/reports/q1.md")
+    expect(log(ws, "--path", "**/*.md"), lambda r: r["path"] in ("/reports/q1.md", "/deep/x/y.md", "/notes/n.md",
+                                                                 "/top.md"))
+    expect(log(ws, "--path", "reports"), lambda r: r["path"] == "/reports" or r["path"].startswith("/reports/"))
+    expect(log(ws, "--path", str(mnt / "deep")), lambda r: (r["path"] or "").startswith("/deep"))
+    expect(log(ws, "--op", "create,mkdir"), lambda r: r["op"] in ("create", "mkdir"))
+    expect(log(ws, "--op", "create", "--op", "lock"), lambda r: r["op"] in ("create", "lock"))
+    expect(log(ws, "--agent", "a2", "--op", "create", "--path", "**/*.md"),
+           lambda r: r["principal"] == "agent:a2" and r["op"] == "create" and r["path"].endswith(".md"))
+    denied = log(ws, "--denied")
+    expect(denied, lambda r: r["errno"] is not None)
+    assert [key(r) for r in denied] == [("agent:a1", "write", "/notes/n.md", None, 16)]
+    assert denied[0]["denied"] is True
+
+    expect(log(ws, "--since", "1h"), lambda r: True)
+    assert log(ws, "--until", "1h") == []
+    minute_ago = (datetime.now() - timedelta(minutes=1)).isoformat(timespec="seconds")
+    expect(log(ws, "--since", minute_ago), lambda r: True)
+    assert log(ws, "--until", minute_ago) == []
+    middle = full[len(full) // 2]["time_ns"]
+    assert all(r["time_ns"] >= middle - 1000 for r in log(ws, "--since", full[len(full) // 2]["time"]))
+
+    newest = deskfs("log", "--json", "--limit", "3", cwd=mnt, env=base_env()).stdout.splitlines()
+    assert seqs([json.loads(line) for line in newest]) == seqs(full[-3:])
+    default = deskfs("log", "--json", cwd=mnt, env=base_env()).stdout.splitlines()
+    assert seqs([json.loads(line) for line in default]) == seqs(full[-100:])
+
+    # Bad input: one line, exit 2, no traceback; a pattern that matches nothing is no error.
+    for bad in (["--since", "yesterdayish"], ["--until", "2026-13-45"], ["--op", "bogus"], ["--op", "write,bogus"],
+                ["--principal", "root"], ["--limit", "-1"], ["--limit", "many"]):
+        result = deskfs("log", *bad, check=False, cwd=mnt, env=base_env())
+        assert result.returncode == 2, (bad, result.stdout, result.stderr)
+        assert result.stdout == ""
+        one_line(result)
+    nothing = deskfs("log", "--path", "nowhere/**", cwd=mnt, env=base_env())
+    assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
+    nothing = deskfs("log", "--json", "--agent", "nobody", cwd=mnt, env=base_env())
+    assert (nothing.returncode, nothing.stdout) == (0, "")
+
+
+# -- 6. a journal of a million records ----------------------------------------------------------
+
+
+FILL = textwrap.dedent(
+    """
+    import sys
+    from deskfs.journal import Actor, Journal
+    from deskfs.store.meta import connect
+    store, total = sys.argv[1], int(sys.argv[2])
+    conn = connect(store + "/deskfs.db")
+    def begin():
+        if not conn.in_transaction:
+            conn.execute("BEGIN")
+    journal = Journal(conn, begin)
+    actors = [Actor(f"agent:p{k}", 0, 1000 + k) for k in range(20)]
+    paths = [f"/dir{i % 100}/f{i}.txt" for i in range(10_000)]
+    journal.record(Actor("agent:rare", 0, 999), "create", 99, "/rare/only.txt")
+    for n in range(total):
+        journal.record(actors[n % 20], "write", 100 + n % 10_000, paths[n % 10_000], calls=1, bytes=n % 7)
+        if n % 50_000 == 49_999:
+            journal.flush()
+            conn.execute("COMMIT")
+    journal.flush()
+    if conn.in_transaction:
+        conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    """
+)
+
+# The SQL deskfs.journal.query runs for a query, and SQLite's plan for each statement.
+PLANS = textwrap.dedent(
+    """
+    import json, sys
+    from deskfs import journal
+    from deskfs.store.meta import connect_read_only
+    conn = connect_read_only(sys.argv[1] + "/deskfs.db")
+    for spec in json.loads(sys.argv[2]):
+        statements = []
+        conn.set_trace_callback(statements.append)
+        found = journal.query(conn, journal.Query(**spec))
+        conn.set_trace_callback(None)
+        plans = [[row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + s)]
+                 for s in statements if s.lstrip().upper().startswith("SELECT J.")]
+        print(json.dumps({"found": len(found), "plans": plans}))
+    """
+)
+
+
+def test_million_record_journal_is_queried_through_its_indexes(make_workspace):
+    total = 1_000_000
+    ws = make_workspace("big", mount=False)
+    run([sys.executable, "-c", FILL, str(ws.store), str(total)], cwd="/", timeout=120)
+    # Seq 1 is the rare record; record n of the loop has seq n + 2.
+
+    def query(*args: str) -> list[dict]:
+        out = deskfs("log", "--store", str(ws.store), "--json", *args, cwd="/").stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    in_dir7 = query("--path", "/dir7/**", "--limit", "50")
+    wanted = sorted(n for n in range(total - 1, -1, -1) if n % 100 == 7)[-50:]
+    assert [r["seq"] for r in in_dir7] == [n + 2 for n in wanted]
+    assert all(r["path"] == f"/dir7/f{(r['seq'] - 2) % 10_000}.txt" for r in in_dir7)
+
+    by_p3 = query("--principal", "agent:p3", "--limit", "50")
+    wanted = sorted(n for n in range(total - 1, total - 2000, -1) if n % 20 == 3)[-50:]
+    assert [r["seq"] for r in by_p3] == [n + 2 for n in wanted]
+    assert {r["principal"] for r in by_p3} == {"agent:p3"}
+    assert by_p3[0]["details"] == {"calls": 1, "bytes": (by_p3[0]["seq"] - 2) % 7}
+
+    assert [(r["seq"], r["path"]) for r in query("--path", "/rare/only.txt")] == [(1, "/rare/only.txt")]
+    assert [r["seq"] for r in query("--agent", "rare")] == [1]
+    assert query("--path", "/dir7/f7.txt", "--agent", "p8") == []
+    assert len(query("--path", "/dir7/f7.txt", "--limit", "0")) == 100
+
+    specs = [{"path_glob": "/dir7/**", "limit": 50}, {"path_glob": "/rare/only.txt", "limit": 100},
+             {"principals": ["agent:p3"], "limit": 50}, {"principals": ["agent:rare"], "limit": 100}]
+    answers = run([sys.executable, "-c", PLANS, str(ws.store), json.dumps(specs)], cwd="/").stdout.splitlines()
+    for spec, answer in zip(specs, map(json.loads, answers)):
+        assert answer["found"] in (1, 50), (spec, answer)
+        index = "journal_by_path" if "path_glob" in spec else "journal_by_principal"
+        for plan in answer["plans"]:
+            assert any(index in step for step in plan), (spec, plan)
+            assert not any(step.startswith("SCAN j") or step.startswith("SCAN journal") for step in plan), (spec, plan)
+
+    verified = deskfs("log", "--store", str(ws.store), "--verify", cwd="/")
+    assert verified.stdout == f"journal verified: {total + 1} records, hash chain intact\n"
+
+
+# -- 7. retention -------------------------------------------------------------------------------
+
+
+def test_retention_prunes_old_records_and_keeps_the_chain_verifiable(ws):
+    for i in range(5):
+        (ws.mnt / f"old{i}.txt").write_text("old\n")
+    before = wait_log(ws, lambda rs: len([r for r in rs if r["op"] == "close_write"]) == 5, "five close_writes")
+    last_old = before[-1]
+    # Age is the behaviour under test: the records must be more than a second old.
+    time.sleep(max(0.0, last_old["time_ns"] / 1e9 + 1.2 - time.time()))
+
+    answer = deskfs("config", "journal.retention", "1s", cwd=ws.mnt, env=base_env())
+    assert answer.stdout == "journal.retention = 1s\n"
+    kept = log(ws)
+    assert kept and min(r["seq"] for r in kept) > last_old["seq"], kept[:3]
+    assert not any(r["path"] and r["path"].startswith("/old") for r in kept)
+    prunes = [r for r in kept if r["op"] == "prune"]
+    assert len(prunes) == 1, prunes
+    details = prunes[0]["details"]
+    assert details["anchor_seq"] >= last_old["seq"]
+    assert details["removed"] == details["anchor_seq"]  # nothing had been pruned before: seqs 1..anchor
+    assert min(r["seq"] for r in kept) == details["anchor_seq"] + 1
+    assert has(kept, op="config", principal="user:root", details={"key": "journal.retention", "value": "1s"})
+    verified = deskfs("log", "--verify", cwd=ws.mnt, env=base_env()).stdout
+    assert verified == f"journal verified: {len(kept)} records, hash chain intact\n"
+    assert deskfs("config", "journal.retention", cwd=ws.mnt, env=base_env()).stdout == "journal.retention = 1s\n"
+
+    # New records chain on from the anchor, through a remount and read straight from the store.
+    (ws.mnt / "new.txt").write_text("new\n")
+    wait_log(ws, lambda rs: has(rs, op="close_write", path="/new.txt"), "new.txt's close_write")
+    ws.unmount()
+    offline = deskfs("log", "--verify", "--store", str(ws.store), cwd="/").stdout
+    assert re.fullmatch(r"journal verified: \d+ records, hash chain intact\n", offline)
+    ws.mount()
+    assert deskfs("log", "--verify", cwd=ws.mnt, env=base_env()).returncode == 0
+
+
+# -- 8. inotify ---------------------------------------------------------------------------------
+
+
+def test_inotify_sees_changes_made_by_another_process(ws, procs):
+    folder = ws.mnt / "watched"
+    folder.mkdir()
+    watcher = subprocess.Popen(["inotifywait", "-m", "-e", "create,modify,close_write,moved_to,delete",
+                                "--format", "%e %f", str(folder)], cwd="/", stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    procs.append(watcher)
+    Lines(watcher.stderr).until(lambda line: "Watches established" in line, 10, "Watches established")
+    as_agent("inotified", """
+        import os
+        fd = os.open("watched/a.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"hello")
+        os.close(fd)
+        os.rename("watched/a.txt", "watched/b.txt")
+        os.mkdir("watched/sub")
+        os.unlink("watched/b.txt")
+    """, ws.mnt)
+    events = Lines(watcher.stdout)
+    for expected in ("CREATE a.txt", "MODIFY a.txt", "CLOSE_WRITE,CLOSE a.txt", "MOVED_TO b.txt",
+                     "CREATE,ISDIR sub", "DELETE b.txt"):
+        events.until(lambda line: line == expected, 10, f"{expected!r} from inotifywait")
+    # And the journal tells who did it.
+    records = wait_log(ws, lambda rs: has(rs, op="close_write", path="/watched/a.txt"), "the close_write",
+                       "--agent", "inotified")
+    assert [key(r) for r in records if r["op"] in CHANGE_OPS] == [
+        ("agent:inotified", "create", "/watched/a.txt", None, None),
+        ("agent:inotified", "close_write", "/watched/a.txt", None, None),
+        ("agent:inotified", "rename", "/watched/a.txt", "/watched/b.txt", None),
+        ("agent:inotified", "mkdir", "/watched/sub", None, None),
+        ("agent:inotified", "unlink", "/watched/b.txt", None, None),
+    ]
+
+
+# -- 9. status ----------------------------------------------------------------------------------
+
+
+HOLD_OPEN = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"in progress")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_status_shows_open_writers_locks_and_recent_changes(ws, procs):
+    as_agent("x", "import os; os.mkdir('docs'); os.rename('docs', 'papers')", ws.mnt)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, "papers/held.txt"], cwd=ws.mnt, env=agent_env("w"),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(holder)
+    assert Lines(holder.stdout).next(10) == "ready", holder.stderr.read()
+
+    out = deskfs("status", "--json", "--mount", str(ws.mnt), cwd="/", env=base_env()).stdout
+    [summary] = json.loads(out)
+    assert summary["mountpoint"] == str(ws.mnt) and summary["store"] == str(ws.store)
+    assert summary["files"] >= 3 and summary["bytes"] >= len("in progress")
+    active = {a["principal"]: a for a in summary["active"]}
+    assert active["agent:w"]["handles"] >= 1 and active["agent:w"]["writing"] >= 1, active
+    assert "/papers/held.txt" in active["agent:w"]["paths"]
+    locks = [(h["path"], h["kind"], h["mode"], h["principal"], h["pid"]) for h in summary["locks"]]
+    assert locks == [("/papers/held.txt", "flock", "exclusive", "agent:w", holder.pid)]
+    recent = summary["recent"]
+    latest = log(ws, "--op", ",".join(CHANGE_OPS))[-len(recent):]
+    assert [r["seq"] for r in recent] == [r["seq"] for r in latest]
+    assert [key(r) for r in recent][-3:] == [
+        ("agent:x", "mkdir", "/docs", None, None),
+        ("agent:x", "rename", "/docs", "/papers", None),
+        ("agent:w", "create", "/papers/held.txt", None, None),
+    ]
+    human = deskfs("status", "--mount", str(ws.mnt), cwd="/", env=base_env()).stdout
+    assert "agent:w  1 open, 1 writing  /papers/held.txt" in human
+    assert "/papers/held.txt  flock exclusive  agent:w" in human
+
+    holder.stdin.write(b"done\n")
+    holder.stdin.flush()
+    assert holder.wait(timeout=10) == 0
+    # The kernel lock's taking and release are journaled by the watcher of /proc/locks.
+    records = wait_log(ws, lambda rs: has(rs, op="close_write", path="/papers/held.txt")
+                       and has(rs, op="unlock", path="/papers/held.txt"), "the close_write and unlock",
+                       "--agent", "w")
+    kinds = [(r["op"], r["details"].get("kind"), r["details"].get("mode")) for r in records if "lock" in r["op"]]
+    assert kinds == [("lock", "flock", "exclusive"), ("unlock", "flock", "exclusive")]
+    after = json.loads(deskfs("status", "--json", "--mount", str(ws.mnt), cwd="/", env=base_env()).stdout)[0]
+    assert after["locks"] == [] and "agent:w" not in {a["principal"] for a in after["active"]}
+
+
+# -- 10. refused requests -----------------------------------------------------------------------
+
+
+def test_refusals_are_journaled_with_their_errno(shared_ws, users):
+    ws = shared_ws
+    mnt = ws.mnt
+    f = mnt / "shared.txt"
+    as_agent("alice", "open('shared.txt', 'w').write('v1'); import os; os.chmod('shared.txt', 0o666)", mnt)
+    assert run(["setfattr", "-n", LOCK, "-v", "exclusive", str(f)], cwd="/", env=agent_env("alice")).returncode == 0
+
+    # Another agent's write under alice's lease: EBUSY.
+    out = as_agent("bob", """
+        import os
+        fd = os.open("shared.txt", os.O_WRONLY)
+        try:
+            os.write(fd, b"bob")
+        except OSError as e:
+            print(e.errno)
+    """, mnt)
+    assert out.stdout.strip() == "16"
+
+    # A member who is not the owner may not break the lease: EPERM.
+    deskfs("invite", "user:deskfs-u1", "--role", "editor", cwd=mnt, env=base_env())
+    u1 = users["deskfs-u1"]
+    broke = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "unlock", "--force", str(f)), cwd="/", check=False)
+    assert broke.returncode == 1, broke.stdout + broke.stderr
+    one_line(broke)
+
+    # Claiming root's agent from another Unix user: an impersonation, and u1 acts as itself.
+    claimed = run(as_user("deskfs-u1", "/usr/bin/python3", "-c",
+                          f"open({str(mnt / 'u1-made.txt')!r}, 'w').write('u1')", agent="alice"), cwd="/")
+    assert claimed.returncode == 0
+    assert os.stat(mnt / "u1-made.txt").st_uid == u1.pw_uid
+
+    denied = wait_log(ws, lambda rs: has(rs, op="impersonate"), "the impersonation", "--denied")
+    by_op = {}
+    for r in denied:
+        by_op.setdefault(r["op"], []).append(r)
+    assert set(by_op) == {"write", "lock_break", "impersonate"}, [key(r) for r in denied]
+    [busy] = by_op["write"]
+    assert key(busy) == ("agent:bob", "write", "/shared.txt", None, 16)
+    assert busy["details"]["locked_by"].startswith("lease exclusive agent:alice")
+    [breaking] = by_op["lock_break"]
+    assert key(breaking) == ("user:deskfs-u1", "lock_break", "/shared.txt", None, 1)
+    assert breaking["uid"] == u1.pw_uid
+    for r in by_op["impersonate"]:
+        assert (r["principal"], r["errno"], r["uid"]) == ("user:deskfs-u1", 1, u1.pw_uid)
+        assert r["details"] == {"claimed": "agent:alice", "via": "DESKFS_AGENT"}
+    assert all(r["denied"] for r in denied)
+
+    # The lease held, and what u1 did is u1's.
+    holders = run(["getfattr", "--only-values", "-n", LOCK, str(f)], cwd="/").stdout
+    assert holders.startswith("lease exclusive agent:alice")
+    made = wait_log(ws, lambda rs: has(rs, op="close_write"), "u1's close_write", "--path", "/u1-made.txt")
+    assert {(r["op"], r["principal"], r["uid"]) for r in made if r["op"] in ("create", "close_write")} == {
+        ("create", "user:deskfs-u1", u1.pw_uid), ("close_write", "user:deskfs-u1", u1.pw_uid)}
+    assert not any(r["principal"] == "agent:alice" for r in made)
+    human = deskfs("log", "--denied", "--limit", "0", cwd=mnt, env=base_env()).stdout
+    assert "user:deskfs-u1  DENIED impersonate" in human and "(EPERM" in human
+    assert "agent:bob  DENIED write  /shared.txt  (EBUSY" in human
+
+
+# -- 11. what a non-owner may read --------------------------------------------------------------
+
+
+def test_viewer_sees_only_records_of_paths_it_may_read(shared_ws, users):
+    ws = shared_ws
+    mnt = ws.mnt
+    as_agent("writer", """
+        import os
+        os.mkdir("public")
+        open("public/a.txt", "w").write("for everyone")
+        os.mkdir("secret", 0o700)
+        os.chmod("secret", 0o700)
+        open("secret/b.txt", "w").write("root only")
+        os.rename("secret/b.txt", "secret/c.txt")
+    """, mnt)
+    deskfs("invite", "user:deskfs-u1", "--role", "viewer", cwd=mnt, env=base_env())
+    read = run(as_user("deskfs-u1", "cat", str(mnt / "public/a.txt")), cwd="/")
+    assert read.stdout == "for everyone"
+    assert run(as_user("deskfs-u1", "ls", str(mnt / "secret")), cwd="/", check=False).returncode != 0
+
+    full = wait_log(ws, lambda rs: has(rs, op="close_write", path="/secret/b.txt")
+                    and has(rs, op="close_write", path="/public/a.txt"), "both close_writes")
+    assert has(full, path="/secret/b.txt", op="create") and has(full, op="rename", path2="/secret/c.txt")
+    u1_log = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
+                         str(mnt)), cwd="/")
+    seen = [json.loads(line) for line in u1_log.stdout.splitlines()]
+    assert has(seen, principal="agent:writer", op="create", path="/public/a.txt")
+    assert has(seen, principal="agent:writer", op="mkdir", path="/public")
+    assert has(seen, principal="user:deskfs-u1", op="open", path="/public/a.txt")
+    for r in seen:
+        assert not any(p and p.startswith("/secret") for p in (r["path"], r["path2"])), r
+        assert r["principal"] == "user:deskfs-u1" or r["path"] is not None, r
+    # Exactly the records of readable paths (and its own): nothing readable was held back either.
+    readable = [r for r in full if r["principal"] == "user:deskfs-u1"
+                or (r["path"] is not None and not (r["path"] + "/").startswith("/secret/")
+                    and not (r["path2"] or "").startswith("/secret"))]
+    assert [r["seq"] for r in seen] == [r["seq"] for r in readable if r["seq"] <= full[-1]["seq"]]
+    filtered = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
+                           str(mnt), "--path", "secret/**"), cwd="/")
+    assert filtered.stdout == ""
+    refused = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--verify", "--mount", str(mnt)), cwd="/",
+                  check=False)
+    assert refused.returncode == 1
+    one_line(refused)
+
