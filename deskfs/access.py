@@ -95,12 +95,14 @@ class Access:
     """Roles over the store's connection, cached in memory; changes are journaled by the caller's actor."""
 
     def __init__(self, conn: sqlite3.Connection, begin: Callable[[], None], journal: Journal,
-                 uid_of_agent: Callable[[str], int | None], store_owner_uid: int) -> None:
+                 uid_of_agent: Callable[[str], int | None], bind_agent: Callable[[str, int], object],
+                 store_owner_uid: int) -> None:
         conn.executescript(SCHEMA)
         self._conn = conn
         self._begin = begin
         self._journal = journal
         self._uid_of_agent = uid_of_agent
+        self._bind_agent = bind_agent
         self._roles: dict[str, int] = {}
         self.on_change: Callable[[], None] = lambda: None
         if conn.execute("SELECT 1 FROM members WHERE role='owner'").fetchone() is None:
@@ -125,7 +127,8 @@ class Access:
         if row is not None:
             return ROLE_NAMES.get(row[0], NONE)
         default = self.own_agents_role()
-        if default and self._uid_of(principal) == self._uid_of(self.owner()):
+        owner_uid = self._uid_of(self.owner())
+        if default and owner_uid is not None and self._uid_of(principal) == owner_uid:
             return default
         return NONE
 
@@ -190,6 +193,10 @@ class Access:
                                f" change its role with: deskfs role {principal} ROLE", principal)
         if principal.startswith("user:") and uid_of_user_principal(principal) is None:
             raise self._refuse(actor, "invite", f"there is no Unix user {principal[5:]!r} on this host", principal)
+        if principal.startswith("agent:"):
+            # An agent nobody has used yet becomes the inviting owner's Unix user's, so that no other
+            # user can take the invitation by being first to claim the name.
+            self._bind_agent(principal[len("agent:"):], actor.uid)
         self._set_role(principal, role, actor.principal)
         self._journal.record(actor, "invite", member=principal, role=role)
         self._changed()

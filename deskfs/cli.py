@@ -49,13 +49,15 @@ def _own_principal() -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from deskfs.access import Refused, check_principal
+    from deskfs.access import Refused, check_principal, uid_of_user_principal
     from deskfs.store import init_store
 
     try:
         owner = check_principal(args.owner) if args.owner else _own_principal()
     except Refused as exc:
         raise DeskfsError(str(exc), EXIT_USAGE) from None
+    if owner.startswith("user:") and uid_of_user_principal(owner) is None:
+        raise DeskfsError(f"there is no Unix user {owner[5:]!r} on this host to own the workspace", EXIT_USAGE)
     init_store(args.store, os.getuid(), os.getgid(), owner)
     print(f"created a deskfs store at {os.path.abspath(args.store)}, owned by {owner}")
     print(f"mount it with: deskfs mount {args.store} MOUNTPOINT")
@@ -291,7 +293,10 @@ def _connect(mount: mounts.Mount, request: dict) -> Any:
 def _answers(control: Any) -> Any:
     """The daemon's answer lines; a refusal becomes a DeskfsError (exit 2 for bad input, else 1)."""
     for line in control.makefile("rb"):
-        answer = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise DeskfsError(f"the deskfs daemon answered something unreadable: {line[:80]!r}") from None
         if "error" in answer:
             raise DeskfsError(answer["error"], EXIT_USAGE if answer.get("usage") else EXIT_REFUSED)
         yield answer
@@ -399,7 +404,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
 def _journal_query(args: argparse.Namespace, mount: mounts.Mount | None) -> dict:
     """The query the filters of `deskfs log` ask for; a one-line usage error for any that cannot be read."""
     from deskfs.access import Refused, check_principal
-    from deskfs.journal import OPS, parse_time
+    from deskfs.journal import DAEMON_PRINCIPAL, OPS, parse_time
 
     now = time.time_ns()
     query: dict[str, Any] = {"limit": args.limit}
@@ -413,7 +418,7 @@ def _journal_query(args: argparse.Namespace, mount: mounts.Mount | None) -> dict
             query[f"{name}_ns"] = moment
     principals = [f"agent:{a}" for a in args.agent] + list(args.principal)
     try:
-        query["principals"] = [check_principal(p) for p in principals]
+        query["principals"] = [p if p == DAEMON_PRINCIPAL else check_principal(p) for p in principals]
     except Refused as exc:
         raise DeskfsError(str(exc), EXIT_USAGE) from None
     ops = [op.strip() for spec in args.op for op in spec.split(",") if op.strip()]
@@ -482,10 +487,10 @@ def cmd_log(args: argparse.Namespace) -> int:
             raise DeskfsError(f"{store} is not mounted: nothing new can happen in it (mount it to follow)")
         from deskfs import journal
 
-        records = _read_store_directly(store, lambda conn: [
-            r.as_json() for r in journal.query(conn, journal.Query.from_json(query))])
-        for record in records:
-            _print_record(record, args.json)
+        def show(conn: Any) -> None:
+            for record in journal.query(conn, journal.Query.from_json(query)):
+                _print_record(record.as_json(), args.json)
+        _read_store_directly(store, show)
         return 0
     with _connect(mount, {"op": "log", "query": query, "follow": args.follow}) as control:
         try:

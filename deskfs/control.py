@@ -21,6 +21,7 @@ connection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -140,11 +141,18 @@ class Daemon:
             actor = Actor(self.ops.identity.principal(pid, uid), uid, pid)
             try:
                 await handler(self, stream, actor, request)
+                return
             except Refused as exc:
                 self.store.commit()  # the refusal's journal record
-                await _send(stream, {"error": str(exc), "usage": exc.usage})
-            except trio.BrokenResourceError:
-                pass
+                answer = {"error": str(exc), "usage": exc.usage}
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            except Exception as exc:
+                # One request failed; the daemon, and the mount with it, must go on.
+                log.exception("internal error in control request %r", op)
+                answer = {"error": f"the daemon could not answer: {exc}", "usage": False}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await _send(stream, answer)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -181,10 +189,21 @@ class Daemon:
             return lambda conn: None
         return lambda conn: ReadableFilter(conn, actor.principal, actor.uid)
 
-    async def _query(self, q: Query, actor: Actor) -> list[dict]:
+    async def _send_matches(self, stream: trio.SocketStream, q: Query, actor: Actor) -> None:
+        """Send what `q` selects and `actor` may see: the newest q.limit, or page by page every match."""
         visibility = self._visibility(actor)
-        return await in_worker(self.store.path, lambda conn: [
-            r.as_json() for r in journal.query(conn, q, visibility(conn))])
+        if q.limit:
+            for record in await in_worker(self.store.path, lambda conn: [
+                    r.as_json() for r in journal.newest(conn, q, visibility(conn))]):
+                await _send(stream, {"record": record})
+            return
+        while True:
+            found, cursor = await in_worker(self.store.path, lambda conn: _json_page(conn, q, visibility(conn)))
+            for record in found:
+                await _send(stream, {"record": record})
+            if cursor is None:
+                return
+            q.after_seq = cursor
 
     async def log(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
         self._member(actor)
@@ -194,8 +213,7 @@ class Daemon:
             raise Refused(f"malformed query: {exc}", usage=True) from None
         self.store.commit()  # what happened until now is in the answer
         q.upto_seq = self.ops.journal.committed_seq
-        for record in await self._query(q, actor):
-            await _send(stream, {"record": record})
+        await self._send_matches(stream, q, actor)
         if not request.get("follow"):
             await _send(stream, {"end": True})
             return
@@ -207,8 +225,7 @@ class Daemon:
                 while self.ops.journal.committed_seq == q.after_seq:
                     await self.feed.wait()
                 q.upto_seq = self.ops.journal.committed_seq
-                for record in await self._query(q, actor):
-                    await _send(stream, {"record": record})
+                await self._send_matches(stream, q, actor)
 
     async def verify(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
         if not self.ops.access.may_audit(actor.principal):
@@ -224,7 +241,9 @@ class Daemon:
 
         self.store.commit()
         files, size = await in_worker(self.store.path, lambda conn: Meta(conn).totals())
-        recent = await self._query(Query(ops=list(journal.CHANGE_OPS), limit=10), actor)
+        visibility = self._visibility(actor)
+        recent = await in_worker(self.store.path, lambda conn: [
+            r.as_json() for r in journal.newest(conn, Query(ops=list(journal.CHANGE_OPS), limit=10), visibility(conn))])
         locks = self.ops.virtual.all_locks() if self.ops.virtual is not None else []
         await _send(stream, {"ok": True, "files": files, "bytes": size, "active": self._active(),
                              "locks": locks, "recent": recent})
@@ -317,6 +336,11 @@ class Daemon:
         "members": members, "invite": invite, "role": role, "remove": remove, "leave": leave,
         "transfer": transfer, "accept-transfer": accept_transfer, "cancel-transfer": cancel_transfer,
     }
+
+
+def _json_page(conn: sqlite3.Connection, q: Query, visible: Callable | None) -> tuple[list[dict], int | None]:
+    found, cursor = journal.page(conn, q, visible)
+    return [r.as_json() for r in found], cursor
 
 
 def _invalidate_attributes(inodes: list[int]) -> None:

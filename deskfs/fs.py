@@ -24,7 +24,7 @@ import pyfuse3
 from deskfs import virtual_xattrs
 from deskfs.access import EDITOR, ROLE_OF_RANK, VIEWER, Access
 from deskfs.identity import Identity, user_principal
-from deskfs.journal import Actor, Journal, path_text
+from deskfs.journal import Actor, Journal, daemon_actor, path_text
 from deskfs.locks import KernelLocks, KernelLockWatcher, Leases, LockError, LockTable
 from deskfs.store import Store
 from deskfs.store.meta import ROOT_INODE, Inode
@@ -104,19 +104,28 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # every write must reach us through the writer's own handle
     enable_acl = False
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, shared: bool = False) -> None:
+        """`shared`: other Unix users can reach the mount (`--allow-other`).
+
+        The kernel's attribute cache is one for all users: on a shared mount it keeps none, so that
+        every stat and every permission check on the way to a file comes to the daemon, where roles are
+        checked (a non-member must not learn sizes and times from what a member had looked at).
+        """
         super().__init__()
+        self.attr_timeout = 0.0 if shared else CACHE_TIMEOUT
         self.store = store
         self.meta = store.meta
         self.content = store.content
         self.journal: Journal = store.journal
         self.lookups: dict[int, int] = {}
         self.handles: dict[int, Handle] = {}
+        self.folder_handles: dict[int, tuple[int, Actor]] = {}  # opendir's handle -> (inode, who opened it)
         self.changers: dict[int, int] = {}  # inode -> open handles that changed it (for close_write)
         self._next_fh = 1
         self._with_capabilities = self.meta.inodes_with_xattr(SECURITY_CAPABILITY)
         self.identity = Identity(store.meta, self._record_impersonation)
-        self.access = Access(store.conn, store.meta.begin, self.journal, self.identity.uid_of_agent, store.owner_uid)
+        self.access = Access(store.conn, store.meta.begin, self.journal, self.identity.uid_of_agent,
+                             self.identity.may_use_agent, store.owner_uid)
         self.leases = Leases(store.meta)
         self.locks: LockTable | None = None  # needs the mount's device: see observe_kernel_locks
         self.virtual: VirtualXattrs | None = None
@@ -187,13 +196,12 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         return self._inode(ino)
 
-    @staticmethod
-    def _attributes(inode: Inode) -> pyfuse3.EntryAttributes:
+    def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode.id
         entry.generation = 0
         entry.entry_timeout = CACHE_TIMEOUT
-        entry.attr_timeout = CACHE_TIMEOUT
+        entry.attr_timeout = self.attr_timeout
         entry.st_mode = inode.mode
         entry.st_nlink = inode.nlink
         entry.st_uid = inode.uid
@@ -223,7 +231,8 @@ class Operations(pyfuse3.Operations):
             self.meta.evict(ino)
             return
         self.meta.delete_inode(ino)
-        self.leases.drop_inode(ino)
+        for holder in self.leases.drop_inode(ino):
+            self.journal.record(daemon_actor(), "unlock", ino, None, kind="lease", holder=holder, reason="file deleted")
         self._with_capabilities.discard(ino)
         if inode.is_regular:
             self.content.delete(ino)
@@ -628,13 +637,19 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
-        self._require(self._actor(ctx), VIEWER, "opendir", ino, lambda: self.path_of(ino))
+        actor = self._actor(ctx)
+        self._require(actor, VIEWER, "opendir", ino, lambda: self.path_of(ino))
         if not self._inode(ino).is_dir:
             raise fail(errno.ENOTDIR)
-        return ino
+        fh = self._next_fh
+        self._next_fh += 1
+        self.folder_handles[fh] = (ino, actor)
+        return fh
 
     @fuse_handler
-    def readdir(self, ino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino, actor = self.folder_handles[fh]
+        self._require(actor, VIEWER, "readdir", ino, lambda: self.path_of(ino))  # a role may end while open
         # Cookies: 1 after ".", 2 after "..", then 2 + the entry's rowid (stable under concurrent changes).
         # "." and ".." take no lookup reference (the kernel does not count them).
         if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attributes(self._inode(ino)), 1):
@@ -656,7 +671,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def releasedir(self, fh: int) -> None:
-        pass
+        self.folder_handles.pop(fh, None)
 
     @fuse_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import time
@@ -52,6 +53,7 @@ CREATE INDEX IF NOT EXISTS journal_denied ON journal (seq) WHERE errno IS NOT NU
 """
 
 GENESIS = b"\0" * 16
+DAEMON_PRINCIPAL = "deskfs"  # the journal's name for the daemon itself (mount, fsck, expiry, pruning)
 ANCHOR_SEQ = "journal.anchor_seq"
 ANCHOR_HASH = "journal.anchor_hash"
 RETENTION = "journal.retention"
@@ -71,7 +73,10 @@ OPS: dict[str, str] = {
     "fsck": "repaired after a crash", "prune": "pruned journal",
     "invite": "invited", "role": "changed role of", "remove": "removed member", "leave": "left",
     "transfer": "offered ownership to", "accept_transfer": "accepted ownership",
-    "cancel_transfer": "cancelled the ownership offer to", "access": "tried",
+    "cancel_transfer": "cancelled the ownership offer to",
+    # Reading the tree is recorded only when refused (a file manager would otherwise flood the journal).
+    "lookup": "looked up", "getattr": "stat-ed", "readlink": "read link", "opendir": "opened folder",
+    "readdir": "listed", "getxattr": "read xattr", "listxattr": "listed xattrs",
 }
 # What changes the tree: the records `deskfs status` shows as recent changes.
 CHANGE_OPS = ("close_write", "create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename",
@@ -84,6 +89,11 @@ class Actor(NamedTuple):
     principal: str
     uid: int
     pid: int
+
+
+def daemon_actor() -> Actor:
+    """The daemon itself, for what no user asked for (expiry, pruning, fsck, a lease of a deleted file)."""
+    return Actor(DAEMON_PRINCIPAL, os.getuid(), os.getpid())
 
 
 @dataclass(slots=True)
@@ -106,12 +116,33 @@ class Record:
         return "\x1f".join("" if f is None else str(f) for f in fields).encode("utf-8", "surrogatepass")
 
     def as_json(self) -> dict:
+        try:
+            details = json.loads(self.details) if self.details else None
+        except ValueError:
+            details = {"unreadable": self.details}
         return {
             "seq": self.seq, "time": iso_time(self.time_ns), "time_ns": self.time_ns,
             "principal": self.principal, "uid": self.uid, "pid": self.pid, "op": self.op,
             "inode": self.inode, "path": self.path, "path2": self.path2, "errno": self.errno,
-            "denied": self.errno is not None, "details": json.loads(self.details) if self.details else None,
+            "denied": self.errno is not None, "details": details,
         }
+
+
+def record_of_row(row: tuple) -> Record | None:
+    """A record from its query row, or None when the row is damaged (a field of the wrong type)."""
+    def optional_int(value: object) -> int | None:
+        return None if value is None else int(value)  # type: ignore[arg-type]
+    try:
+        return Record(int(row[0]), int(row[1]), str(row[2]), int(row[3]), int(row[4]), str(row[5]),
+                      optional_int(row[6]), row[7], row[8], optional_int(row[9]),
+                      None if row[10] is None else str(row[10]))
+    except (TypeError, ValueError):
+        return None
+
+
+def damaged(seq: int) -> Record:
+    """What a query shows for a damaged row: it exists, and `deskfs log --verify` will name it."""
+    return Record(int(seq), 0, "?", -1, -1, "damaged", None, None, None, None, None)
 
 
 def chain(previous: bytes, record: Record) -> bytes:
@@ -260,12 +291,19 @@ class Journal:
         if last is None:
             return 0
         self._begin()
+        # Paths the removed records named: those no kept record names go too (index lookups, no scan).
+        self._conn.execute("CREATE TEMP TABLE IF NOT EXISTS pruned_paths (id INTEGER PRIMARY KEY)")
+        self._conn.execute(
+            "INSERT OR IGNORE INTO pruned_paths SELECT path_id FROM journal WHERE seq <= ? AND path_id IS NOT NULL"
+            " UNION SELECT path2_id FROM journal WHERE seq <= ? AND path2_id IS NOT NULL", (last[0], last[0]))
         removed = self._conn.execute("DELETE FROM journal WHERE seq <= ?", (last[0],)).rowcount
         self._conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (ANCHOR_SEQ, str(last[0])))
         self._conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (ANCHOR_HASH, last[1].hex()))
         self._conn.execute(
-            "DELETE FROM journal_paths WHERE id NOT IN (SELECT path_id FROM journal WHERE path_id IS NOT NULL)"
-            " AND id NOT IN (SELECT path2_id FROM journal WHERE path2_id IS NOT NULL)")
+            "DELETE FROM journal_paths WHERE id IN (SELECT id FROM pruned_paths)"
+            " AND NOT EXISTS (SELECT 1 FROM journal WHERE path_id = journal_paths.id)"
+            " AND NOT EXISTS (SELECT 1 FROM journal WHERE path2_id = journal_paths.id)")
+        self._conn.execute("DELETE FROM pruned_paths")
         self._path_ids.clear()
         self.record(actor, "prune", removed=removed, anchor_seq=last[0], anchor_hash=last[1].hex())
         return removed
@@ -362,7 +400,7 @@ def _sqlite_glob(pattern: str) -> str:
     """A looser SQLite GLOB (its `*` crosses `/`) that the exact regex then narrows; fast in C."""
     if not pattern.startswith("/"):
         pattern = "/" + pattern
-    return pattern.replace("**", "*")
+    return pattern.replace("/**/", "/*").replace("**", "*")  # `**/` may also match no folder at all
 
 
 _SELECT = ("SELECT j.seq, j.time_ns, j.principal, j.uid, j.pid, j.op, j.inode, p1.path, p2.path, j.errno,"
@@ -407,38 +445,65 @@ def _where(conn: sqlite3.Connection, q: Query) -> tuple[str, list] | None:
     return " AND ".join(clauses), params
 
 
-def query(conn: sqlite3.Connection, q: Query, visible: Callable[[Record], bool] | None = None) -> list[Record]:
-    """The records `q` selects (the newest `q.limit` of them), oldest first, that `visible` lets through."""
+PAGE = 2000  # records per page when every match is wanted
+
+
+def newest(conn: sqlite3.Connection, q: Query, visible: Callable[[Record], bool] | None = None) -> list[Record]:
+    """The newest `q.limit` records `q` selects that `visible` lets through, oldest first."""
     where = _where(conn, q)
     if where is None:
         return []
     clause, params = where
     found: list[Record] = []
     before = None
-    batch = max(q.limit, 1) * 2 if q.limit else 5000
+    batch = max(q.limit, 1) * 2
     while True:
         page_clause = clause + ("" if before is None else f" AND j.seq < {before}")
         rows = conn.execute(f"{_SELECT} WHERE {page_clause} ORDER BY j.seq DESC LIMIT ?", params + [batch]).fetchall()
         for row in rows:
-            record = Record(*row)
+            record = record_of_row(row) or damaged(row[0])
             if visible is None or visible(record):
                 found.append(record)
-                if q.limit and len(found) >= q.limit:
+                if len(found) >= q.limit:
                     return found[::-1]
         if len(rows) < batch:
             return found[::-1]
         before = rows[-1][0]
 
 
+def page(conn: sqlite3.Connection, q: Query, visible: Callable[[Record], bool] | None = None
+         ) -> tuple[list[Record], int | None]:
+    """Matches of `q` after `q.after_seq`, oldest first, up to PAGE rows; and the seq to continue after
+    (None when there is no more). For every match (`--limit 0`) without holding them all in memory."""
+    where = _where(conn, q)
+    if where is None:
+        return [], None
+    clause, params = where
+    rows = conn.execute(f"{_SELECT} WHERE {clause} ORDER BY j.seq LIMIT ?", params + [PAGE]).fetchall()
+    found = [r for r in (record_of_row(row) or damaged(row[0]) for row in rows) if visible is None or visible(r)]
+    return found, rows[-1][0] if len(rows) == PAGE else None
+
+
+def query(conn: sqlite3.Connection, q: Query, visible: Callable[[Record], bool] | None = None) -> Iterator[Record]:
+    """What `deskfs log` shows for `q`: the newest `q.limit` matches, or with limit 0 every match; oldest first."""
+    if q.limit:
+        yield from newest(conn, q, visible)
+        return
+    q = Query(**q.__dict__)
+    while True:
+        found, cursor = page(conn, q, visible)
+        yield from found
+        if cursor is None:
+            return
+        q.after_seq = cursor
+
+
 def records(conn: sqlite3.Connection) -> Iterator[tuple[Record, bytes | None]]:
     """Every record in order with its stored hash (None where the row is unreadable)."""
     for row in conn.execute(f"{_SELECT.replace('j.details FROM', 'j.details, j.hash FROM')} ORDER BY j.seq"):
-        try:
-            record = Record(int(row[0]), int(row[1]), str(row[2]), int(row[3]), int(row[4]), str(row[5]),
-                            None if row[6] is None else int(row[6]), row[7], row[8],
-                            None if row[9] is None else int(row[9]), row[10])
-        except (TypeError, ValueError):
-            yield Record(int(row[0]), 0, "", 0, 0, "", None, None, None, None, None), None
+        record = record_of_row(row)
+        if record is None:
+            yield damaged(row[0]), None
             continue
         yield record, row[11] if isinstance(row[11], bytes) else None
 
@@ -484,7 +549,7 @@ def _size(n: float) -> str:
 
 
 def _detail_words(op: str, details: dict) -> str:
-    if op in ("read", "write"):
+    if op in ("read", "write") and "calls" in details:
         calls = details.get("calls", 0)
         return f"{calls} {op}{'s' if calls != 1 else ''}, {_size(details.get('bytes', 0))}"
     words = []

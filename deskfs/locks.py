@@ -254,9 +254,12 @@ class Leases:
             self._forget(inode, [holder.principal])
         return gone
 
-    def drop_inode(self, inode: int) -> None:
-        if inode in self.by_inode:
-            self._forget(inode, list(self.by_inode[inode]))
+    def drop_inode(self, inode: int) -> list[str]:
+        """Forget the leases of a file that is gone; returns their holders."""
+        holders = list(self.by_inode.get(inode, {}))
+        if holders:
+            self._forget(inode, holders)
+        return holders
 
     def _forget(self, inode: int, principals: Iterable[str]) -> None:
         held = self.by_inode.get(inode, {})

@@ -23,7 +23,7 @@ import trio
 from deskfs import control, mounts
 from deskfs.errors import DeskfsError
 from deskfs.fs import Operations
-from deskfs.journal import Actor
+from deskfs.journal import Actor, daemon_actor
 from deskfs.layout import control_socket_path, daemon_pid
 from deskfs.store import Store
 from deskfs.store.fsck import fsck
@@ -35,10 +35,6 @@ LEASE_EXPIRY_INTERVAL = 0.25  # seconds between sweeps of expired leases
 LOCK_WATCH_INTERVAL = 0.05  # seconds between looks at /proc/locks for the journal
 RETENTION_INTERVAL = 60.0  # seconds between applications of journal.retention
 
-
-def daemon_actor() -> Actor:
-    """The daemon itself, as the journal names it for what no user asked for (expiry, pruning, fsck)."""
-    return Actor("deskfs", os.getuid(), os.getpid())
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -86,7 +82,7 @@ def serve(
             log.warning("fsck: %s", line)
         if not store.was_clean:
             store.journal.record(daemon_actor(), "fsck", repairs=repairs)
-        operations = Operations(store)
+        operations = Operations(store, shared=allow_other)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options(store, allow_other))
         except RuntimeError as exc:

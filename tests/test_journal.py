@@ -4,18 +4,20 @@ Every actor is its own process (an agent is a process with DESKFS_AGENT=NAME in 
 Unix user runs through setpriv), and the journal is read through `deskfs log` (or `deskfs log --store`
 on an unmounted store), `deskfs status` and, for the hash chain, sqlite3.
 
-Covered: a two-agent session recorded exactly and in order; coalescing of 100,000 write() calls;
-the journal agreeing with the tree after kill -9 of the daemon, and a hand-edited record named by
---verify; --follow; the query filters and bad input; a journal of 1,000,000 records queried through
-its indexes; retention; inotify on the mount; `deskfs status`; refused requests (EBUSY, lease break by
-a non-owner, impersonation); a non-owner reader seeing only the records of paths it may read.
+Covered: a two-agent session recorded exactly and in order (the end of a lease whose file was deleted
+included, by the daemon's principal `deskfs`); coalescing of 100,000 write() calls; the journal agreeing
+with the tree after kill -9 of the daemon, and a hand-edited record named by --verify; --follow; the
+query filters and bad input; a journal of 1,000,000 records queried through its indexes (every
+statement the daemon runs, newest-N and page by page); retention; inotify on the mount; `deskfs status`;
+refused requests (EBUSY, lease break by a non-owner, impersonation); reads of the tree (lookup, getattr,
+readlink, opendir, readdir, getxattr, listxattr) journaled only when refused; a non-owner reader seeing
+only the records of paths it may read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import posixpath
 import pwd
 import re
 import select
@@ -29,11 +31,13 @@ from pathlib import Path
 import pytest
 
 from conftest import DESKFS, deskfs, run
+from deskfs import journal
 
 USERS = ("deskfs-u1",)
 LOCK = "user.deskfs.lock"
 CHANGE_OPS = ("close_write", "create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename",
               "setattr", "setxattr", "removexattr")
+READ_ONLY_OPS = ("lookup", "getattr", "readlink", "opendir", "readdir", "getxattr", "listxattr")
 HUMAN_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d{3}  \S+  .+$")
 
 
@@ -116,6 +120,7 @@ class Lines:
         self.stream = stream
         self.buffer = bytearray()
         self.closed = False
+        self.seen: list[str] = []  # every line returned so far
 
     def next(self, timeout: float) -> str | None:
         """The next line, or None if none came within `timeout` seconds (or the pipe closed)."""
@@ -133,7 +138,8 @@ class Lines:
                 self.buffer += chunk
         line, _, rest = bytes(self.buffer).partition(b"\n")
         self.buffer[:] = rest
-        return line.decode()
+        self.seen.append(line.decode())
+        return self.seen[-1]
 
     def until(self, predicate, timeout: float, what: str) -> tuple[str, float]:
         """The first line satisfying `predicate` and the monotonic time it was read."""
@@ -220,6 +226,9 @@ def test_two_agent_session_is_recorded_in_order(ws):
     """, mnt)
     assert refused.stdout.strip() == "EBUSY"
     as_agent("alice", "import os; os.unlink('reports/q3-final.md')", mnt)
+    # Deleting the file ends alice's lease: the daemon journals that when it frees the inode (on the
+    # kernel's forget, which comes after unlink() has returned).
+    wait_log(ws, lambda rs: has(rs, principal="deskfs", op="unlock"), "the lease's end", "--op", "unlock")
 
     changes = log(ws, "--op", "mkdir,create,write,close_write,rename,lock,unlock,unlink")
     assert [key(r) for r in changes] == [
@@ -231,8 +240,15 @@ def test_two_agent_session_is_recorded_in_order(ws):
         ("agent:alice", "lock", "/reports/q3-final.md", None, None),
         ("agent:bob", "write", "/reports/q3-final.md", None, 16),
         ("agent:alice", "unlink", "/reports/q3-final.md", None, None),
+        ("deskfs", "unlock", None, None, None),  # the file has no name any more
     ]
-    by_op = {r["op"]: r for r in changes}
+    unlink, ended = changes[-2:]
+    assert ended["details"] == {"kind": "lease", "holder": "agent:alice", "reason": "file deleted"}
+    assert ended["inode"] == unlink["inode"] and isinstance(unlink["inode"], int)
+    assert ended["seq"] == unlink["seq"] + 1, "the lease's end is the record right after the unlink"
+    assert (ended["uid"], ended["denied"]) == (0, False)
+    assert log(ws, "--principal", "deskfs", "--op", "unlock") == [ended]
+    by_op = {r["op"]: r for r in reversed(changes)}  # the first record of each op
     assert by_op["create"]["details"] == {"access": "write", "flags": ["O_CREAT", "O_EXCL"], "mode": "0644"}
     assert by_op["write"]["details"] == {"calls": 1, "bytes": 11, "ranges": [[0, 11]]}
     assert by_op["close_write"]["details"] == {"size": 11}
@@ -262,10 +278,15 @@ def test_two_agent_session_is_recorded_in_order(ws):
         "  agent:bob  opened  /reports/q3.md  (access read)",
         "  agent:bob  renamed  /reports/q3.md -> /reports/q3-final.md",
         "  agent:alice  locked  /reports/q3-final.md  (kind lease, mode exclusive, ttl 300)",
-        "  agent:bob  DENIED write  /reports/q3-final.md  (EBUSY",
         "  agent:alice  deleted  /reports/q3-final.md",
+        f"  deskfs  unlocked  inode {ended['inode']}  (holder agent:alice, kind lease, reason file deleted)",
     ):
         assert any(expected in line for line in human), f"{expected!r} not in:\n" + "\n".join(human)
+    # A refused write says what refused it, not a tally of writes that never happened.
+    [refusal] = [line for line in human if " DENIED " in line]
+    assert re.fullmatch(r"\S+  agent:bob  DENIED write  /reports/q3-final\.md  "
+                        r"\(EBUSY: locked_by lease exclusive agent:alice pid=\d+ since=\S+ expires=\S+\)", refusal), refusal
+    assert "0 writes" not in refusal and " B)" not in refusal
 
 
 # -- 2. coalescing ------------------------------------------------------------------------------
@@ -289,7 +310,7 @@ def test_100000_one_byte_writes_become_one_record_per_commit_window(ws):
     assert sum(r["details"]["bytes"] for r in writes) == 100_000
     # One record per handle per 50 ms commit window: never more records than windows the writing spanned
     # (100,000 FUSE round trips take seconds, so "a handful" means that many windows, not 100,000 rows).
-    assert len(writes) <= elapsed / 0.05 + 3, (len(writes), elapsed)
+    assert len(writes) <= elapsed / 0.05 + 4, (len(writes), elapsed)
     assert len(writes) <= 100_000 // 50, len(writes)
     # Sequential 1-byte writes: each record holds one range, and the ranges tile [0, 100000).
     ranges = [rng for r in writes for rng in r["details"]["ranges"]]
@@ -388,7 +409,11 @@ def test_journal_matches_tree_after_kill_9_and_verify_names_an_edited_record(ws,
     records = log(ws)
     assert records[-1]["op"] == "mount"
     assert has(records, op="fsck", principal="deskfs")
-    assert len([r for r in records if r["op"] == "mkdir"]) > 150
+    # The daemon's own records: the first mount, the repair after the crash (no unmount: it was killed),
+    # and the mount again.
+    assert [r["op"] for r in log(ws, "--principal", "deskfs")] == ["mount", "fsck", "mount"]
+    # What the last commit window held died with the daemon: most of the 150 rounds are kept, not all.
+    assert len([r for r in records if r["op"] == "mkdir"]) > 100
     journaled = replay(records)
     actual = tree(ws.mnt)
     assert journaled - actual == set(), "journaled but not in the tree"
@@ -399,6 +424,8 @@ def test_journal_matches_tree_after_kill_9_and_verify_names_an_edited_record(ws,
 
     # A record altered behind deskfs's back is named, by the store and by the daemon.
     ws.unmount()
+    offline = deskfs("log", "--store", str(ws.store), "--json", "--principal", "deskfs", cwd="/").stdout
+    assert [json.loads(line)["op"] for line in offline.splitlines()] == ["mount", "fsck", "mount", "unmount"]
     db = ws.store / "deskfs.db"
     run(["sqlite3", str(db), "UPDATE journal SET principal='agent:mallory' WHERE seq=5;"], cwd="/")
     offline = deskfs("log", "--verify", "--store", str(ws.store), check=False, cwd="/")
@@ -466,10 +493,10 @@ def test_follow_sees_a_new_write_within_100_ms(ws, procs):
         if delays[-1] < 0.1:
             break
     assert min(delays) < 0.1, delays
-    # Only the operations asked for were streamed.
-    stop(follower)
-    rest = [json.loads(line) for line in out.buffer.decode().splitlines()]
-    assert all(r["op"] in ("write", "close_write") for r in rest)
+    # Only the operations asked for were streamed (the creates of the same files were not).
+    streamed = [json.loads(line) for line in out.seen]
+    assert {r["op"] for r in streamed} == {"write", "close_write"}
+    assert has(log(ws, "--agent", "news"), op="create", path="/warm.txt")
 
 
 # -- 5. queries ---------------------------------------------------------------------------------
@@ -517,11 +544,14 @@ def test_log_filters_and_bad_input(ws):
     expect(log(ws, "--agent", "a1"), lambda r: r["principal"] == "agent:a1")
     expect(log(ws, "--agent", "a1", "--agent", "a2"), lambda r: r["principal"] in ("agent:a1", "agent:a2"))
     expect(log(ws, "--principal", "user:root"), lambda r: r["principal"] == "user:root")
+    # The daemon's own records (the mount, here) under its own name.
+    expect(log(ws, "--principal", "deskfs"), lambda r: r["principal"] == "deskfs")
+    expect(log(ws, "--principal", "deskfs", "--agent", "a1"), lambda r: r["principal"] in ("deskfs", "agent:a1"))
     expect(log(ws, "--path", "reports/*.md"), lambda r: r["path"] == "/reports/q1.md")
     expect(log(ws, "--path", "*.md", cwd=mnt / "reports"), lambda r: r["path"] == "/reports/q1.md")
-    expect(log(ws, "--path", "**/*.md"), lambda r: r["path"] in ("/reports/q1.md", "/deep/x/y.md", "/notes/n.md",
-                                                                 "/top.md"))
-    expect(log(ws, "--path", "reports"), lambda r: r["path"] == "/reports" or r["path"].startswith("/reports/"))
+    expect(log(ws, "--path", "**/x/*.md"), lambda r: r["path"] == "/deep/x/y.md")
+    expect(log(ws, "--path", "/**/n.md"), lambda r: r["path"] == "/notes/n.md")
+    expect(log(ws, "--path", "reports"), lambda r: r["path"] == "/reports" or (r["path"] or "").startswith("/reports/"))
     expect(log(ws, "--path", str(mnt / "deep")), lambda r: (r["path"] or "").startswith("/deep"))
     expect(log(ws, "--op", "create,mkdir"), lambda r: r["op"] in ("create", "mkdir"))
     expect(log(ws, "--op", "create", "--op", "lock"), lambda r: r["op"] in ("create", "lock"))
@@ -547,15 +577,31 @@ def test_log_filters_and_bad_input(ws):
 
     # Bad input: one line, exit 2, no traceback; a pattern that matches nothing is no error.
     for bad in (["--since", "yesterdayish"], ["--until", "2026-13-45"], ["--op", "bogus"], ["--op", "write,bogus"],
-                ["--principal", "root"], ["--limit", "-1"], ["--limit", "many"]):
+                ["--principal", "root"], ["--principal", "deskfsd"], ["--limit", "-1"], ["--limit", "many"]):
         result = deskfs("log", *bad, check=False, cwd=mnt, env=base_env())
         assert result.returncode == 2, (bad, result.stdout, result.stderr)
         assert result.stdout == ""
         one_line(result)
+    # Reading the tree is journaled only when refused: valid names, and nothing here was refused.
+    reading = deskfs("log", "--json", "--op", ",".join(READ_ONLY_OPS), "--limit", "0", cwd=mnt, env=base_env())
+    assert (reading.returncode, reading.stdout, reading.stderr) == (0, "", "")
     nothing = deskfs("log", "--path", "nowhere/**", cwd=mnt, env=base_env())
     assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
     nothing = deskfs("log", "--json", "--agent", "nobody", cwd=mnt, env=base_env())
     assert (nothing.returncode, nothing.stdout) == (0, "")
+
+
+def test_double_star_glob_matches_at_every_depth(ws):
+    """`**/` stands for any number of folders, none included: `**/*.md` finds /top.md too."""
+    os.makedirs(ws.mnt / "a/b")
+    for name in ("top.md", "a/mid.md", "a/b/low.md", "a/b/low.txt"):
+        (ws.mnt / name).write_text(name)
+    wait_log(ws, lambda rs: len([r for r in rs if r["op"] == "close_write"]) == 4, "four close_writes")
+    created = lambda *args: sorted(r["path"] for r in log(ws, "--op", "create", *args))
+    assert created("--path", "**/*.md") == ["/a/b/low.md", "/a/mid.md", "/top.md"]
+    assert created("--path", "/**/*.md") == ["/a/b/low.md", "/a/mid.md", "/top.md"]
+    assert created("--path", "a/**/*.md") == ["/a/b/low.md", "/a/mid.md"]
+    assert created("--path", "**") == ["/a/b/low.md", "/a/b/low.txt", "/a/mid.md", "/top.md"]
 
 
 # -- 6. a journal of a million records ----------------------------------------------------------
@@ -588,7 +634,9 @@ FILL = textwrap.dedent(
     """
 )
 
-# The SQL deskfs.journal.query runs for a query, and SQLite's plan for each statement.
+# The SQL the daemon runs for a query, as control.Daemon._send_matches runs it: journal.newest for the
+# newest N, journal.page until it returns no cursor for every match (--limit 0); and SQLite's plan for
+# each statement. `same`: journal.query (what `deskfs log --store` runs) finds the same records.
 PLANS = textwrap.dedent(
     """
     import json, sys
@@ -596,13 +644,24 @@ PLANS = textwrap.dedent(
     from deskfs.store.meta import connect_read_only
     conn = connect_read_only(sys.argv[1] + "/deskfs.db")
     for spec in json.loads(sys.argv[2]):
+        q = journal.Query(**spec)
         statements = []
         conn.set_trace_callback(statements.append)
-        found = journal.query(conn, journal.Query(**spec))
+        if q.limit:
+            found = journal.newest(conn, q)
+        else:
+            found = []
+            while True:
+                got, cursor = journal.page(conn, q)
+                found += got
+                if cursor is None:
+                    break
+                q.after_seq = cursor
         conn.set_trace_callback(None)
-        plans = [[row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + s)]
-                 for s in statements if s.lstrip().upper().startswith("SELECT J.")]
-        print(json.dumps({"found": len(found), "plans": plans}))
+        same = [r.seq for r in journal.query(conn, journal.Query(**spec))] == [r.seq for r in found]
+        traced = [{"sql": s, "plan": [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + s)]}
+                  for s in statements if s.lstrip().upper().startswith("SELECT")]
+        print(json.dumps({"found": len(found), "same": same, "statements": traced}))
     """
 )
 
@@ -633,15 +692,34 @@ def test_million_record_journal_is_queried_through_its_indexes(make_workspace):
     assert query("--path", "/dir7/f7.txt", "--agent", "p8") == []
     assert len(query("--path", "/dir7/f7.txt", "--limit", "0")) == 100
 
-    specs = [{"path_glob": "/dir7/**", "limit": 50}, {"path_glob": "/rare/only.txt", "limit": 100},
-             {"principals": ["agent:p3"], "limit": 50}, {"principals": ["agent:rare"], "limit": 100}]
-    answers = run([sys.executable, "-c", PLANS, str(ws.store), json.dumps(specs)], cwd="/").stdout.splitlines()
-    for spec, answer in zip(specs, map(json.loads, answers)):
-        assert answer["found"] in (1, 50), (spec, answer)
+    # The newest N (--limit N) and every match (--limit 0, page by page) both go through the indexes:
+    # every statement run, each page's included. (name: spec, records found, journal statements run.)
+    specs = {"/dir7/** newest": ({"path_glob": "/dir7/**", "limit": 50}, 50, 1),
+             "/dir7/** all": ({"path_glob": "/dir7/**", "limit": 0}, 10_000, 10_000 // journal.PAGE + 1),
+             "rare path": ({"path_glob": "/rare/only.txt", "limit": 100}, 1, 1),
+             "rare path all": ({"path_glob": "/rare/only.txt", "limit": 0}, 1, 1),
+             "p3 newest": ({"principals": ["agent:p3"], "limit": 50}, 50, 1),
+             "p3 all": ({"principals": ["agent:p3"], "limit": 0}, total // 20, total // 20 // journal.PAGE + 1),
+             "rare agent": ({"principals": ["agent:rare"], "limit": 100}, 1, 1),
+             "rare agent all": ({"principals": ["agent:rare"], "limit": 0}, 1, 1)}
+    asked = [spec for spec, _, _ in specs.values()]
+    answers = run([sys.executable, "-c", PLANS, str(ws.store), json.dumps(asked)], cwd="/").stdout.splitlines()
+    assert len(answers) == len(specs)
+    for (name, (spec, count, runs)), answer in zip(specs.items(), map(json.loads, answers)):
+        assert (answer["found"], answer["same"]) == (count, True), (name, answer["found"], answer["same"])
+        on_journal = [s for s in answer["statements"] if " FROM journal j " in s["sql"]]
+        on_paths = [s for s in answer["statements"] if " FROM journal_paths " in s["sql"]]
+        assert len(on_journal) + len(on_paths) == len(answer["statements"]), (name, answer["statements"])
+        assert len(on_journal) == runs, (name, [s["sql"][-120:] for s in on_journal])
         index = "journal_by_path" if "path_glob" in spec else "journal_by_principal"
-        for plan in answer["plans"]:
-            assert any(index in step for step in plan), (spec, plan)
-            assert not any(step.startswith("SCAN j") or step.startswith("SCAN journal") for step in plan), (spec, plan)
+        for statement in on_journal:
+            plan = statement["plan"]
+            assert any(index in step for step in plan), (name, statement)
+            assert not any(step.startswith("SCAN") for step in plan), (name, statement)
+        # A glob with a literal prefix finds its paths through journal_paths' index, not by a scan of it.
+        assert ("path_glob" in spec) == bool(on_paths), (name, on_paths)
+        for statement in on_paths:
+            assert not any(step.startswith("SCAN") for step in statement["plan"]), (name, statement)
 
     verified = deskfs("log", "--store", str(ws.store), "--verify", cwd="/")
     assert verified.stdout == f"journal verified: {total + 1} records, hash chain intact\n"
@@ -665,6 +743,10 @@ def test_retention_prunes_old_records_and_keeps_the_chain_verifiable(ws):
     assert not any(r["path"] and r["path"].startswith("/old") for r in kept)
     prunes = [r for r in kept if r["op"] == "prune"]
     assert len(prunes) == 1, prunes
+    # The pruning the owner's `config` asked for is the owner's (control.apply_retention with the caller's
+    # actor); the daemon's own minutely pruning, by `deskfs`, is a minute away and not awaited here.
+    assert prunes[0]["principal"] == "user:root"
+    assert log(ws, "--principal", "deskfs", "--op", "prune") == []
     details = prunes[0]["details"]
     assert details["anchor_seq"] >= last_old["seq"]
     assert details["removed"] == details["anchor_seq"]  # nothing had been pruned before: seqs 1..anchor
@@ -708,12 +790,12 @@ def test_inotify_sees_changes_made_by_another_process(ws, procs):
     for expected in ("CREATE a.txt", "MODIFY a.txt", "CLOSE_WRITE,CLOSE a.txt", "MOVED_TO b.txt",
                      "CREATE,ISDIR sub", "DELETE b.txt"):
         events.until(lambda line: line == expected, 10, f"{expected!r} from inotifywait")
-    # And the journal tells who did it.
-    records = wait_log(ws, lambda rs: has(rs, op="close_write", path="/watched/a.txt"), "the close_write",
-                       "--agent", "inotified")
-    assert [key(r) for r in records if r["op"] in CHANGE_OPS] == [
+    # And the journal tells who did it. (The close_write comes with the kernel's asynchronous release,
+    # under the name the file had then.)
+    records = wait_log(ws, lambda rs: has(rs, op="close_write"), "the close_write", "--agent", "inotified")
+    assert [r["path"] for r in records if r["op"] == "close_write"] in (["/watched/a.txt"], ["/watched/b.txt"])
+    assert [key(r) for r in records if r["op"] in CHANGE_OPS and r["op"] != "close_write"] == [
         ("agent:inotified", "create", "/watched/a.txt", None, None),
-        ("agent:inotified", "close_write", "/watched/a.txt", None, None),
         ("agent:inotified", "rename", "/watched/a.txt", "/watched/b.txt", None),
         ("agent:inotified", "mkdir", "/watched/sub", None, None),
         ("agent:inotified", "unlink", "/watched/b.txt", None, None),
@@ -745,7 +827,7 @@ def test_status_shows_open_writers_locks_and_recent_changes(ws, procs):
     out = deskfs("status", "--json", "--mount", str(ws.mnt), cwd="/", env=base_env()).stdout
     [summary] = json.loads(out)
     assert summary["mountpoint"] == str(ws.mnt) and summary["store"] == str(ws.store)
-    assert summary["files"] >= 3 and summary["bytes"] >= len("in progress")
+    assert (summary["files"], summary["bytes"]) == (2, len("in progress"))  # /papers and its file
     active = {a["principal"]: a for a in summary["active"]}
     assert active["agent:w"]["handles"] >= 1 and active["agent:w"]["writing"] >= 1, active
     assert "/papers/held.txt" in active["agent:w"]["paths"]
@@ -835,7 +917,112 @@ def test_refusals_are_journaled_with_their_errno(shared_ws, users):
     assert not any(r["principal"] == "agent:alice" for r in made)
     human = deskfs("log", "--denied", "--limit", "0", cwd=mnt, env=base_env()).stdout
     assert "user:deskfs-u1  DENIED impersonate" in human and "(EPERM" in human
-    assert "agent:bob  DENIED write  /shared.txt  (EBUSY" in human
+    [busy_line] = [line for line in human.splitlines() if "DENIED write" in line]
+    assert busy_line.endswith(f"  agent:bob  DENIED write  /shared.txt  (EBUSY: locked_by {busy['details']['locked_by']})")
+    assert "writes" not in busy_line, busy_line
+
+
+# -- 10b. reading the tree is journaled only when refused ----------------------------------------
+
+
+# Run as deskfs-u1: open a folder, a file and a symlink while a viewer and read through them; then, once
+# told (after its removal from the workspace), try each read-only operation once, each reaching the
+# daemon as exactly that request: the descriptors were opened before, getdents64 and readlinkat(fd, "")
+# need no lookup, a security.* xattr needs no permission check, and the mount's root is anyone's to stat.
+READ_ONLY_TRIES = textwrap.dedent(
+    """
+    import ctypes, errno, json, os, platform, sys
+    m = sys.argv[1]
+    box = os.open(m + "/box", os.O_RDONLY | os.O_DIRECTORY)
+    f = os.open(m + "/box/f.txt", os.O_RDONLY)
+    link = os.open(m + "/box/link", os.O_PATH | os.O_NOFOLLOW)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def getdents(fd):
+        os.lseek(fd, 0, os.SEEK_SET)
+        buf = ctypes.create_string_buffer(65536)
+        n = libc.syscall({"x86_64": 217, "aarch64": 61}[platform.machine()], fd, buf, 65536)
+        if n < 0:
+            raise OSError(ctypes.get_errno(), "getdents64")
+        return n
+
+    tries = {
+        "lookup": lambda: os.stat(m + "/never-named"),
+        "getattr": lambda: os.fstat(f),
+        "readlink": lambda: os.readlink("", dir_fd=link),
+        "opendir": lambda: os.close(os.open(m, os.O_RDONLY | os.O_DIRECTORY)),
+        "readdir": lambda: getdents(box),
+        "getxattr": lambda: os.getxattr(f, "security.deskfs-test"),
+        "listxattr": lambda: os.listxattr(f),
+    }
+    as_viewer = [os.fstat(f).st_size, sorted(os.listdir(m + "/box")), os.readlink("", dir_fd=link),
+                 os.getxattr(f, "user.note").decode(), sorted(os.listxattr(f)), getdents(box) > 0]
+    print(json.dumps(as_viewer), flush=True)
+    sys.stdin.readline()
+    outcome = {}
+    for op, attempt in tries.items():
+        try:
+            attempt()
+            outcome[op] = "OK"
+        except OSError as e:
+            outcome[op] = errno.errorcode[e.errno]
+    print(json.dumps(outcome), flush=True)
+    """
+)
+
+
+def test_reading_the_tree_is_journaled_only_when_refused(shared_ws, users, procs):
+    ws = shared_ws
+    mnt = ws.mnt
+    as_agent("reader", """
+        import os
+        os.mkdir("box")
+        os.chmod("box", 0o777)
+        open("box/f.txt", "w").write("text")
+        os.chmod("box/f.txt", 0o666)
+        os.setxattr("box/f.txt", "user.note", b"hi")
+        os.symlink("f.txt", "box/link")
+        # A member reads: none of it is journaled.
+        os.stat("box/f.txt"); os.lstat("box/link"); os.listdir("box"); os.readlink("box/link")
+        os.getxattr("box/f.txt", "user.note"); os.listxattr("box/f.txt")
+    """, mnt)
+    wait_log(ws, lambda rs: has(rs, op="close_write", path="/box/f.txt"), "f.txt's close_write")
+    deskfs("invite", "user:deskfs-u1", "--role", "viewer", cwd=mnt, env=base_env())
+
+    u1 = subprocess.Popen(as_user("deskfs-u1", "/usr/bin/python3", "-c", READ_ONLY_TRIES, str(mnt)), cwd="/",
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(u1)
+    out = Lines(u1.stdout)
+    line = out.next(20)
+    assert line is not None, u1.stderr.read().decode()
+    assert json.loads(line) == [4, ["f.txt", "link"], "f.txt", "hi", ["user.note"], True]
+    # Everything so far was allowed: the seven operations are valid --op names with nothing to show.
+    allowed = log(ws, "--op", ",".join(READ_ONLY_OPS))
+    assert allowed == [], [key(r) for r in allowed]
+
+    deskfs("remove", "user:deskfs-u1", cwd=mnt, env=base_env())
+    removed = log(ws, "--op", "remove")[-1]
+    u1.stdin.write(b"go\n")
+    u1.stdin.flush()
+    line = out.next(20)
+    assert line is not None, u1.stderr.read().decode()
+    assert json.loads(line) == {op: "EACCES" for op in READ_ONLY_OPS}
+    assert u1.wait(timeout=10) == 0
+
+    expected = {("lookup", "/never-named"), ("getattr", "/box/f.txt"), ("readlink", "/box/link"), ("opendir", "/"),
+                ("readdir", "/box"), ("getxattr", "/box/f.txt"), ("listxattr", "/box/f.txt")}
+    refused = wait_log(ws, lambda rs: {(r["op"], r["path"]) for r in rs} >= expected, "the seven refusals",
+                       "--op", ",".join(READ_ONLY_OPS))
+    assert {(r["op"], r["path"]) for r in refused} == expected, [key(r) for r in refused]
+    for r in refused:
+        assert (r["principal"], r["uid"], r["errno"], r["denied"]) == \
+            ("user:deskfs-u1", users["deskfs-u1"].pw_uid, 13, True), r
+        assert r["details"] == {"role": "none"} and r["seq"] > removed["seq"], r
+    assert log(ws, "--denied", "--op", ",".join(READ_ONLY_OPS)) == refused
+    human = deskfs("log", "--op", "opendir,readlink", "--limit", "0", cwd=mnt, env=base_env()).stdout.splitlines()
+    assert [line.split("  ", 1)[1] for line in human] == [  # tried in this order
+        "user:deskfs-u1  DENIED readlink  /box/link  (EACCES: role none)",
+        "user:deskfs-u1  DENIED opendir  /  (EACCES: role none)"], human
 
 
 # -- 11. what a non-owner may read --------------------------------------------------------------
@@ -858,8 +1045,7 @@ def test_viewer_sees_only_records_of_paths_it_may_read(shared_ws, users):
     assert read.stdout == "for everyone"
     assert run(as_user("deskfs-u1", "ls", str(mnt / "secret")), cwd="/", check=False).returncode != 0
 
-    full = wait_log(ws, lambda rs: has(rs, op="close_write", path="/secret/b.txt")
-                    and has(rs, op="close_write", path="/public/a.txt"), "both close_writes")
+    full = wait_log(ws, lambda rs: len([r for r in rs if r["op"] == "close_write"]) == 2, "both close_writes")
     assert has(full, path="/secret/b.txt", op="create") and has(full, op="rename", path2="/secret/c.txt")
     u1_log = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
                          str(mnt)), cwd="/")
@@ -874,7 +1060,7 @@ def test_viewer_sees_only_records_of_paths_it_may_read(shared_ws, users):
     readable = [r for r in full if r["principal"] == "user:deskfs-u1"
                 or (r["path"] is not None and not (r["path"] + "/").startswith("/secret/")
                     and not (r["path2"] or "").startswith("/secret"))]
-    assert [r["seq"] for r in seen] == [r["seq"] for r in readable if r["seq"] <= full[-1]["seq"]]
+    assert [r["seq"] for r in seen if r["seq"] <= full[-1]["seq"]] == [r["seq"] for r in readable]
     filtered = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
                            str(mnt), "--path", "secret/**"), cwd="/")
     assert filtered.stdout == ""

@@ -9,9 +9,17 @@ comes from the role; where it matters a test shows the same operation succeeding
 Covered: the seed protocol (a builder agent builds, invites a viewer, hands ownership over and leaves);
 owner-only management (invite, role, remove, transfer, breaking leases, settings) refused to editors with
 EPERM journal records; ownership cannot be taken by racing, after expiry, without an offer, or kept by
-removing/leaving; agent names cannot be claimed across Unix users; role changes reach open handles; bad
-input gives one-line errors with exit 2 or 1; the owner's own agents are editors by default until
-`members.own_agents` says otherwise.
+removing/leaving; agent names cannot be claimed across Unix users, nor an invited agent's name taken by
+claiming it after the invitation; on a shared (--allow-other) mount nothing a member looked at can be
+stat-ed by a non-member (the kernel keeps no attributes there), and role changes reach open file and folder
+handles; bad input gives one-line errors with exit 2 or 1; the owner's own agents are editors by default
+until `members.own_agents` says otherwise.
+
+Known deskfs bugs are pinned by strict xfails (they start failing, as XPASS, once fixed): the kernel still
+keeps entries 300 s on a shared mount, so a non-member learns about names directly below the root that a
+member looked up (statx with AT_STATX_DONT_SYNC returns their cached attributes; a cached miss answers
+ENOENT instead of EACCES); and an agent name claimed by another Unix user before the owner invites it gives
+that user the invitation.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import json
 import os
 import pwd
 import select
+import shutil
 import subprocess
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -155,6 +165,37 @@ def denied(records: list[dict], principal: str, code: int) -> list[dict]:
     return [r for r in records if r["principal"] == principal and r["errno"] == code]
 
 
+# Reading the tree: journaled only when refused.
+READ_ONLY_OPS = {"lookup", "getattr", "readlink", "opendir", "readdir", "getxattr", "listxattr"}
+
+
+def wait_for_record(who: "Who", ws: Workspace, match, timeout: float = 10) -> dict:
+    """The first journal record `match` accepts, waiting for it (the kernel sends some requests late)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in journal(who, ws) if match(r)]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no such journal record within {timeout} s")
+        time.sleep(0.1)
+
+
+# statx(2) of a path, with flags and mask (Python's os.stat always asks the kernel to be up to date):
+# prints the size, or the errno's name.
+STATX = r"""
+import ctypes, errno, platform, sys
+libc = ctypes.CDLL(None, use_errno=True)
+number = {"x86_64": 332, "aarch64": 291}[platform.machine()]
+buf = ctypes.create_string_buffer(256)
+if libc.syscall(number, -100, sys.argv[1].encode(), int(sys.argv[2]), int(sys.argv[3]), buf) != 0:  # AT_FDCWD
+    print(errno.errorcode[ctypes.get_errno()])
+else:
+    print(int.from_bytes(buf.raw[40:48], "little"))  # stx_size
+"""
+AT_STATX_DONT_SYNC, STATX_BASIC_STATS = 0x4000, 0x7FF
+
+
 def read_line(stream, timeout: float, buffer: bytearray) -> str:
     deadline = time.monotonic() + timeout
     while b"\n" not in buffer:
@@ -193,6 +234,22 @@ for line in sys.stdin:
             fds[a[0]] = os.open(a[1], os.O_RDONLY | os.O_DIRECTORY)
         elif op == "listdir":
             result = sorted(os.listdir(fds[a[0]]))
+        elif op == "getdents":
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            os.lseek(fds[a[0]], 0, os.SEEK_SET)
+            buf = ctypes.create_string_buffer(65536)
+            import platform  # getdents64 straight on the open descriptor: no fstat, no opendir
+            number = {"x86_64": 217, "aarch64": 61}[platform.machine()]
+            n = libc.syscall(number, fds[a[0]], buf, 65536)
+            if n < 0:
+                raise OSError(ctypes.get_errno(), "getdents64")
+            names, off = [], 0
+            while off < n:
+                reclen = int.from_bytes(buf.raw[off + 16:off + 18], "little")
+                names.append(buf.raw[off + 19:off + reclen].split(b"\0", 1)[0].decode())
+                off += reclen
+            result = sorted(x for x in names if x not in (".", ".."))
         elif op == "fstat":
             result = os.fstat(fds[a[0]]).st_size
         elif op == "close":
@@ -252,21 +309,33 @@ class SeededWorkspace(Workspace):
 
 
 @pytest.fixture
-def desk(tmp_path: Path, people):
-    """A builder-owned workspace mounted with --allow-other, its root 0777; unmounted at the end."""
-    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
-        os.chmod(folder, os.stat(folder).st_mode | 0o711)
-    ws = SeededWorkspace(tmp_path)
+def desk(people):
+    """A builder-owned workspace mounted with --allow-other, its root 0777; unmounted at the end.
+
+    It lives in a folder of its own under /tmp, not under tmp_path: the other Unix users must traverse
+    to the mount and to the store's control socket, and every pytest session that starts as root makes
+    /tmp/pytest-of-root 0700 again, which would shut them out mid-test whenever another session runs.
+    """
+    base = Path(tempfile.mkdtemp(prefix="deskfs-roles-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    ws = SeededWorkspace(base)
     try:
         ws.mount("--allow-other")
         assert Who(agent=BUILDER).attempts({"chmod": f"os.chmod({str(ws.mnt)!r}, 0o777)"}) == {"chmod": "OK"}
         yield ws
     finally:
         ws.cleanup()
+        # What conftest's daemon_logs_stay_clean checks for daemons under tmp_path.
+        log = ws.store / "run" / "daemon.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if not os.path.ismount(ws.mnt):
+            shutil.rmtree(base, ignore_errors=True)
+        assert "internal error" not in text and "Traceback" not in text, f"{log}:\n{text[-3000:]}"
 
 
 @pytest.fixture
-def fd_servers():
+def fd_servers(desk):
+    """Factory for FdServer processes, all ended before the workspace is unmounted."""
     made: list[FdServer] = []
 
     def make(who: Who) -> FdServer:
@@ -347,7 +416,7 @@ def client_changes(m: Path) -> dict[str, str]:
 CLIENT_DENIALS = [
     ("open", "/docs/a.txt"), ("open", "/docs/a.txt"), ("setattr", "/docs/a.txt"), ("setattr", "/docs/mine.txt"),
     ("rename", "/docs/deep/b.txt"), ("unlink", "/data/c.csv"), ("mkdir", "/docs/new"), ("create", "/docs/new.txt"),
-    ("rmdir", "/docs/empty"), ("setxattr", "/docs/a.txt"),
+    ("rmdir", "/docs/empty"), ("setxattr", "/docs/a.txt"), ("lock", "/docs/a.txt"),
 ]
 
 
@@ -380,6 +449,7 @@ def test_seed_protocol_end_to_end(desk, people):
     assert client.attempts(changes) == {label: "EACCES" for label in changes}
     result = client.run("setfattr", "-n", "user.note", "-v", "hello", f"{m}/docs/a.txt")
     assert result.returncode != 0 and "Permission denied" in result.stderr, result
+    assert "Permission denied" in refused(client.cli("lock", f"{m}/docs/a.txt"))  # a lease
     # Nothing changed.
     assert json.loads(client.py(READ_TREE, str(m))) == {"files": SEED_FILES, "folders": expected_folders}
     assert builder.run("getfattr", "-n", "user.note", f"{m}/docs/a.txt").returncode != 0
@@ -397,10 +467,12 @@ def test_seed_protocol_end_to_end(desk, people):
     # The very same changes now succeed for the client: the refusals came from its role.
     assert client.attempts(changes) == {label: "OK" for label in changes}
     assert client.run("setfattr", "-n", "user.note", "-v", "hello", f"{m}/docs/a.txt").returncode == 0
+    assert client.cli("lock", f"{m}/docs/a.txt").returncode == 0
+    assert client.cli("unlock", f"{m}/docs/a.txt").returncode == 0
 
-    # The builder, now an editor, can still write (and its stat fills the kernel's attribute cache).
+    # The builder, now an editor, can still write and stat (the kernel now holds these entries).
     assert builder.attempts({
-        "write": f"open('{m}/README.md', 'a').write('more\\n')",
+        "write": f"with open('{m}/README.md', 'a') as f: f.write('more\\n')",
         "stat": f"os.stat('{m}/README.md'); os.stat('{m}/docs')",
     }) == {"write": "OK", "stat": "OK"}
 
@@ -408,6 +480,7 @@ def test_seed_protocol_end_to_end(desk, people):
     assert roles(client, ws) == {"user:deskfs-client": "owner"}
 
     # Gone: not even a listing, a stat of what it stat-ed a moment ago, or an open; the root itself stats.
+    # (On this shared mount the kernel keeps no attributes: each of these asks the daemon.)
     assert builder.attempts({
         "list root": f"os.listdir('{m}')",
         "list docs": f"os.listdir('{m}/docs')",
@@ -439,8 +512,15 @@ def test_seed_protocol_end_to_end(desk, people):
     assert invite["seq"] < client_denials[0]["seq"] and client_denials[-1]["seq"] < transfer["seq"]
     assert transfer["seq"] < accept["seq"] < leave["seq"]
     builder_denials = [r for r in denied(records, "agent:builder", errno.EACCES) if r["seq"] > leave["seq"]]
-    assert {r["op"] for r in builder_denials} >= {"opendir"}, builder_denials
-    assert {r["path"] for r in builder_denials} >= {"/", "/docs", "/README.md"}, builder_denials
+    # Listing the root is refused at its opendir; everything else below the root where the kernel first asks
+    # for attributes (its permission check), or where it looks the name up: never as far as an open.
+    assert ("opendir", "/") in [(r["op"], r["path"]) for r in builder_denials], builder_denials
+    assert {r["op"] for r in builder_denials} <= {"opendir", "getattr", "lookup"}, builder_denials
+    assert {r["path"] for r in builder_denials} == {"/", "/docs", "/README.md"}, builder_denials
+    assert all(r["details"]["role"] == "none" for r in builder_denials), builder_denials
+    # Reading the tree is journaled only when refused: the viewer's walk left no such record.
+    assert not [r for r in records if r["op"] in READ_ONLY_OPS and r["errno"] is None], \
+        [r for r in records if r["op"] in READ_ONLY_OPS and r["errno"] is None][:5]
 
 
 # -- 2. only the owner manages ------------------------------------------------------------------
@@ -459,7 +539,7 @@ def test_only_the_owner_manages(desk, editor):
 
     # An editor indeed: it writes (outside the leased file) and reads.
     assert editor.attempts({
-        "write": f"open('{m}/shared/{editor.principal.replace(':', '-')}.txt', 'w').write('mine')",
+        "write": f"with open('{m}/shared/{editor.principal.replace(':', '-')}.txt', 'w') as f: f.write('mine')",
         "read": f"open('{m}/shared/notes.txt').read()",
     }) == {"write": "OK", "read": "OK"}
 
@@ -548,6 +628,7 @@ def test_ownership_cannot_be_taken_by_racing_or_late(desk):
     assert "already own" in refused(client.deskfs(ws, "transfer", "user:deskfs-client"))
     assert "cannot be removed" in refused(client.deskfs(ws, "remove", "user:deskfs-client"))
     assert "cannot leave" in refused(client.deskfs(ws, "leave"))
+    assert "transfer" in refused(client.deskfs(ws, "role", "user:deskfs-client", "viewer"))
     refused(builder.deskfs(ws, "remove", "user:deskfs-client"))
 
     final = members(client, ws)
@@ -562,8 +643,14 @@ def test_ownership_cannot_be_taken_by_racing_or_late(desk):
         ("user:deskfs-stranger", errno.EPERM), ("agent:builder", errno.EPERM),
     ]
     assert [r["op"] for r in denied(records, "user:deskfs-client", errno.EPERM)] == \
-        ["accept_transfer", "transfer", "remove", "leave"]
+        ["accept_transfer", "transfer", "remove", "leave", "role"]
     assert [r["op"] for r in denied(records, "agent:builder", errno.EPERM)] == ["accept_transfer", "remove"]
+
+    # A transfer that is accepted in time moves ownership; the former owner becomes what it chose.
+    client.ok(ws, "transfer", "user:deskfs-member", "--then", "viewer")
+    member.ok(ws, "accept-transfer")
+    assert roles(member, ws) == {"user:deskfs-member": "owner", "agent:builder": "editor",
+                                 "user:deskfs-client": "viewer"}
 
 
 # -- 4. identity cannot be faked across Unix users ----------------------------------------------
@@ -585,7 +672,7 @@ def test_agent_names_cannot_be_claimed_by_another_unix_user(desk, claimed):
         "list root": f"os.listdir('{m}')",
         "read": f"open('{m}/secret.txt').read()",
         "list docs": f"os.listdir('{m}/docs')",
-        "write": f"open('{m}/docs/plan.md', 'a').write('x')",
+        "write": f"with open('{m}/docs/plan.md', 'a') as f: f.write('x')",
     }) == {"stat root": "OK", "list root": "EACCES", "read": "EACCES", "list docs": "EACCES", "write": "EACCES"}
 
     line = refused(fake.deskfs(ws, "invite", "user:deskfs-stranger", "--role", "editor"))
@@ -603,54 +690,168 @@ def test_agent_names_cannot_be_claimed_by_another_unix_user(desk, claimed):
                             and r["details"]["claimed"] == f"agent:{claimed}" for r in impostor)
     mine = [r for r in records if r["principal"] == "user:deskfs-client" and r["op"] != "impersonate"]
     refusals = [r for r in mine if r["errno"] == errno.EACCES]
-    assert {r["path"] for r in refusals} == {"/", "/secret.txt", "/docs", "/docs/plan.md"}, refusals
-    assert {r["op"] for r in refusals} <= {"opendir", "open", "lookup", "getattr"}, refusals
+    # Each attempt is refused at the first name below the root: "/docs" is refused (its attributes, asked
+    # for by the permission check of the walk, or its lookup) before "/docs/plan.md" is ever asked for.
+    assert {r["path"] for r in refusals} == {"/", "/secret.txt", "/docs"}, refusals
+    assert {r["op"] for r in refusals} <= {"opendir", "lookup", "getattr"}, refusals
+    assert ("opendir", "/") in [(r["op"], r["path"]) for r in refusals], refusals
     assert [r["op"] for r in mine if r["errno"] == errno.EPERM] == ["invite"]
 
 
-KERNEL_CACHE_BUG = (
-    "deskfs bug: attributes and entries the kernel cached for one user (entry/attr timeout 300 s,"
-    " default_permissions) are served to every other user without asking the daemon, so a principal"
-    " with no role can stat (size, mode, owner, times, existence) what members looked at recently"
-)
+def test_an_invited_agent_name_cannot_be_claimed_by_another_unix_user_afterwards(desk):
+    ws, m = desk, desk.mnt
+    # Only the invitation can make agent:scout anything: the owner's own agents get no default role.
+    builder.ok(ws, "config", "members.own_agents", "off")
+    assert "invited agent:scout as editor" in builder.ok(ws, "invite", "agent:scout", "--role", "editor")
+    write = {"write": f"with open('{m}/by-scout.txt', 'w') as f: f.write('scout')"}
+
+    # Another Unix user claims the invited name before the owner's agent ever used it: it stays itself.
+    fake = Who(CLIENT, agent="scout")
+    assert fake.whoami(m) == "user:deskfs-client"
+    assert fake.attempts({**write, "list": f"os.listdir('{m}')"}) == {"write": "EACCES", "list": "EACCES"}
+    refused(fake.deskfs(ws, "members"))
+    assert "belongs to another Unix user" in refused(
+        fake.cli("run", "--agent", "scout", "--mount", str(m), "--", "true"))
+
+    # The name is the inviting owner's Unix user's (root's): its agent scout is the invited editor.
+    real = Who(agent="scout")
+    assert real.whoami(m) == "agent:scout"
+    assert real.attempts(write) == {"write": "OK"}
+    assert roles(builder, ws) == {"agent:builder": "owner", "agent:scout": "editor"}
+
+    records = journal(builder, ws)
+    assert {r["uid"] for r in records if r["principal"] == "agent:scout"} == {0}
+    claims = [r for r in records if r["op"] == "impersonate"]
+    assert claims and all(r["principal"] == "user:deskfs-client" and r["details"]["claimed"] == "agent:scout"
+                          for r in claims), claims
 
 
-@pytest.mark.xfail(strict=True, reason=KERNEL_CACHE_BUG)
+def test_an_agent_invited_by_a_non_root_owner_is_that_users(desk):
+    ws, m = desk, desk.mnt
+    builder.ok(ws, "invite", "user:deskfs-client", "--role", "editor")
+    builder.ok(ws, "transfer", "user:deskfs-client", "--then", "leave")
+    client.ok(ws, "accept-transfer")
+    client.ok(ws, "config", "members.own_agents", "off")
+    client.ok(ws, "invite", "agent:clientbot", "--role", "editor")
+    write = {"write": f"with open('{m}/by-clientbot.txt', 'w') as f: f.write('hi')"}
+
+    # Not even root's processes can take the name first: it is deskfs-client's.
+    fake = Who(agent="clientbot")
+    assert fake.whoami(m) == "user:root"
+    assert fake.attempts(write) == {"write": "EACCES"}
+    real = Who(CLIENT, agent="clientbot")
+    assert real.whoami(m) == "agent:clientbot"
+    assert real.attempts(write) == {"write": "OK"}
+    assert roles(client, ws) == {"user:deskfs-client": "owner", "agent:clientbot": "editor"}
+    records = journal(client, ws)
+    assert {r["uid"] for r in records if r["principal"] == "agent:clientbot"} == {pwd.getpwnam(CLIENT).pw_uid}
+    assert [(r["principal"], r["details"]["claimed"]) for r in records if r["op"] == "impersonate"][:1] == \
+        [("user:root", "agent:clientbot")]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deskfs bug: an agent name is bound to the first Unix user that uses it, through the mount or the control"
+    " socket (Identity.may_use_agent), and Access.invite binds only a name nobody used yet; so another user"
+    " who claims agent:NAME before the owner invites it silently gets the invitation (`invited agent:NAME`),"
+    " and the owner's own agent of that name is then an impersonator"))
+def test_an_agent_name_claimed_before_the_invitation_does_not_take_it(desk):
+    ws, m = desk, desk.mnt
+    builder.ok(ws, "config", "members.own_agents", "off")
+    squatter = Who(CLIENT, agent="scout")
+    refused(squatter.deskfs(ws, "members"))  # through the control socket only: any local user can
+    write = {"write": f"with open('{m}/by-scout.txt', 'w') as f: f.write('scout')"}
+    result = builder.deskfs(ws, "invite", "agent:scout", "--role", "editor")
+    assert squatter.attempts(write) == {"write": "EACCES"}  # today: OK, as agent:scout
+    if result.returncode != 0:  # refusing the invitation, naming whose name it is, would do
+        assert "deskfs-client" in refused(result)
+    else:  # or the invitation is for the owner's Unix user's agent, as it is for a name nobody used
+        assert Who(agent="scout").attempts(write) == {"write": "OK"}  # today: EACCES, as user:root
+
+
+# -- 5. nothing a member looked at shows to others on a shared mount ----------------------------
+
+
 def test_non_member_cannot_stat_what_members_looked_at(desk):
     ws, m = desk, desk.mnt
-    build(ws, builder, {"docs/plan.md": "plan\n"}, ["docs"])
-    assert builder.attempts({"stat": f"os.stat('{m}/docs/plan.md')"}) == {"stat": "OK"}  # now in the kernel's cache
-    assert stranger.attempts({"stat": f"os.stat('{m}/docs/plan.md')"}) == {"stat": "EACCES"}
+    build(ws, builder, {"docs/plan.md": "plan\n", "top.md": "top\n"}, ["docs"])
+    looks = {"deep": f"os.stat('{m}/docs/plan.md')", "top": f"os.stat('{m}/top.md')",
+             "folder": f"os.stat('{m}/docs')"}
+    assert builder.attempts(looks) == {"deep": "OK", "top": "OK", "folder": "OK"}  # the kernel knows them now
+    assert stranger.attempts(looks) == {"deep": "EACCES", "top": "EACCES", "folder": "EACCES"}
+    assert stranger.attempts({"access": f"assert not os.access('{m}/top.md', os.F_OK)"}) == {"access": "OK"}
+    # Each refusal reached the daemon; the deep one at "/docs", so "/docs/plan.md" was never asked for.
+    refusals = denied(journal(builder, ws), "user:deskfs-stranger", errno.EACCES)
+    assert {r["path"] for r in refusals} == {"/docs", "/top.md"}, refusals
+    assert {r["op"] for r in refusals} <= {"getattr", "lookup"}, refusals
+    assert len(refusals) >= 4, refusals  # deep, top, folder, access
 
 
-@pytest.mark.xfail(strict=True, reason=KERNEL_CACHE_BUG)
 def test_former_member_cannot_stat_after_a_member_looked_again(desk):
     ws, m = desk, desk.mnt
     build(ws, builder, {"docs/plan.md": "plan\n"}, ["docs"])
     builder.ok(ws, "invite", "user:deskfs-member", "--role", "editor")
-    assert member.attempts({"stat": f"os.stat('{m}/docs/plan.md')"}) == {"stat": "OK"}
+    stat = {"stat": f"os.stat('{m}/docs/plan.md')"}
+    assert member.attempts(stat) == {"stat": "OK"}
     builder.ok(ws, "remove", "user:deskfs-member")
-    # The daemon invalidated the cached attributes: the first stat after the removal is refused...
-    assert member.attempts({"stat": f"os.stat('{m}/docs/plan.md')"}) == {"stat": "EACCES"}
-    # ...but once a member looks again, the attributes are cached for everyone.
-    assert builder.attempts({"stat": f"os.stat('{m}/docs/plan.md')"}) == {"stat": "OK"}
-    assert member.attempts({"stat": f"os.stat('{m}/docs/plan.md')"}) == {"stat": "EACCES"}
+    assert member.attempts(stat) == {"stat": "EACCES"}
+    # A member looking again gives the kernel nothing it would serve to another user.
+    assert builder.attempts(stat) == {"stat": "OK"}
+    assert member.attempts(stat) == {"stat": "EACCES"}
+    refusals = denied(journal(builder, ws), "user:deskfs-member", errno.EACCES)
+    assert [(r["path"], r["details"]["role"]) for r in refusals] == [("/docs", "none")] * 2, refusals
+    assert {r["op"] for r in refusals} <= {"getattr", "lookup"}, refusals
 
 
-# -- 5. role changes reach open handles ---------------------------------------------------------
+ENTRY_CACHE_BUG = (
+    "deskfs bug: on a shared mount entries still live 300 s in the kernel (fs.py _attributes, lookup:"
+    " entry_timeout = CACHE_TIMEOUT); for a name directly below the root no folder's permission check stands"
+    " in the way, so a non-member's walk uses the entry a member's lookup left without asking the daemon")
+
+
+@pytest.mark.xfail(strict=True, reason=ENTRY_CACHE_BUG + ", and statx without syncing (AT_STATX_DONT_SYNC, or"
+                                       " an empty mask) returns the attributes the kernel last fetched: size,"
+                                       " mode, owner, times")
+@pytest.mark.parametrize("flags, mask", [(AT_STATX_DONT_SYNC, STATX_BASIC_STATS), (0, 0)],
+                         ids=["AT_STATX_DONT_SYNC", "empty mask"])
+def test_non_member_cannot_statx_cached_attributes_below_the_root(desk, flags, mask):
+    ws, m = desk, desk.mnt
+    build(ws, builder, {"top.md": "sixteen bytes!!\n"}, [])
+    assert builder.py(STATX, f"{m}/top.md", "0", str(STATX_BASIC_STATS)).strip() == "16"
+    assert stranger.py(STATX, f"{m}/top.md", "0", str(STATX_BASIC_STATS)).strip() == "EACCES"
+    assert stranger.py(STATX, f"{m}/top.md", str(flags), str(mask)).strip() == "EACCES"  # today: 16
+
+
+@pytest.mark.xfail(strict=True, reason=ENTRY_CACHE_BUG + ", and a miss is remembered too (a negative entry):"
+                                       " a non-member gets ENOENT, not EACCES, for a name a member looked up"
+                                       " and did not find")
+def test_non_member_learns_nothing_from_a_name_a_member_did_not_find(desk):
+    ws, m = desk, desk.mnt
+    build(ws, builder, {"kept.md": "kept\n", "gone.md": "gone\n"}, [])
+    assert builder.attempts({
+        "missing": f"os.stat('{m}/missing.md')",
+        "delete": f"os.unlink('{m}/gone.md')",
+    }) == {"missing": "ENOENT", "delete": "OK"}
+    assert stranger.attempts({
+        "never looked up": f"os.stat('{m}/never.md')",
+        "existing": f"os.stat('{m}/kept.md')",
+        "missing": f"os.stat('{m}/missing.md')",  # today: ENOENT
+        "deleted": f"os.stat('{m}/gone.md')",  # the unlink left no entry behind
+    }) == {"never looked up": "EACCES", "existing": "EACCES", "missing": "EACCES", "deleted": "EACCES"}
+
+
+# -- 6. role changes reach open handles ---------------------------------------------------------
 
 
 def test_role_changes_take_effect_on_open_handles(desk, fd_servers):
     ws, m = desk, desk.mnt
-    build(ws, builder, {"shared/log.txt": "start\n"}, ["shared"])
+    build(ws, builder, {"shared/log.txt": "start\n", "shared/unread.txt": "never read\n"}, ["shared"])
     builder.ok(ws, "invite", "user:deskfs-member", "--role", "editor")
     path = f"{m}/shared/log.txt"
 
     x = fd_servers(member)
     assert x("open", "w", path, "O_WRONLY") == "OK"
     assert x("open", "r", path, "O_RDONLY") == "OK"
-    assert x("opendir", "d", f"{m}/shared") == "OK"
-    assert x("listdir", "d") == ["log.txt"]
+    assert x("open", "u", f"{m}/shared/unread.txt", "O_RDONLY") == "OK"  # none of its pages cached
     assert x("pwrite", "w", "by editor\n", 6) == "OK"
     assert x("pread", "r", 100, 0) == "start\nby editor\n"  # also fills the page cache
 
@@ -662,22 +863,97 @@ def test_role_changes_take_effect_on_open_handles(desk, fd_servers):
     builder.ok(ws, "remove", "user:deskfs-member")
     assert x("pread", "r", 100, 0) == "EACCES"
     assert x("pread", "r", 4, 2) == "EACCES"
-    assert x("pwrite", "w", "by nobody\n", 16) == "EACCES"
     assert x("fstat", "r") == "EACCES"
-    assert x("listdir", "d") == "EACCES"
+    assert x("pwrite", "w", "by nobody\n", 16) == "EACCES"
+    # Whatever members do meanwhile (the owner stats the file), a read of pages never cached is refused too.
+    assert builder.attempts({"stat": f"os.stat('{m}/shared/unread.txt')"}) == {"stat": "OK"}
+    assert x("pread", "u", 100, 0) == "EACCES"
     x.close()
 
-    assert builder.attempts({"content": f"assert open('{path}').read() == 'start\\nby editor\\n'"}) == {"content": "OK"}
+    assert builder.attempts({"content": f"assert open('{path}').read() == 'start\\nby editor\\n'"}) == \
+        {"content": "OK"}
     records = [r for r in journal(builder, ws) if r["principal"] == "user:deskfs-member"]
-    refusals = [(r["op"], r["details"]["role"]) for r in records if r["errno"] == errno.EACCES]
-    assert refusals[:2] == [("write", "viewer"), ("setattr", "viewer")], refusals
-    assert refusals[-1] == ("write", "none"), refusals
-    assert {op for op, role in refusals[2:-1]} <= {"read", "getattr"} and \
-        all(role == "none" for _, role in refusals[2:]), refusals
-    assert all(r["path"] == "/shared/log.txt" for r in records if r["errno"] == errno.EACCES)
+    refusals = [(r["op"], r["path"], r["details"]["role"]) for r in records if r["errno"] == errno.EACCES]
+    log, unread = "/shared/log.txt", "/shared/unread.txt"
+    # A cached read first re-fetches the file's attributes (auto_inval_data; the shared mount keeps none),
+    # and that getattr is what the daemon refuses after the removal: the read never reaches it. The
+    # write-only handle (direct_io) sends its write as it is; fstat asks for the attributes.
+    assert refusals == [
+        ("write", log, "viewer"), ("setattr", log, "viewer"),
+        ("getattr", log, "none"), ("getattr", log, "none"), ("getattr", log, "none"), ("write", log, "none"),
+        ("getattr", unread, "none"),
+    ], refusals
 
 
-# -- 6. bad input -------------------------------------------------------------------------------
+def test_open_folder_handle_cannot_list_after_removal(desk, fd_servers):
+    ws, m = desk, desk.mnt
+    build(ws, builder, {"shared/log.txt": "start\n"}, ["shared"])
+    builder.ok(ws, "invite", "user:deskfs-member", "--role", "editor")
+    x = fd_servers(member)
+    assert x("opendir", "d", f"{m}/shared") == "OK"
+    assert x("getdents", "d") == ["log.txt"]
+    builder.ok(ws, "remove", "user:deskfs-member")
+    builder.py("import os, sys; os.mknod(sys.argv[1])", f"{m}/shared/added-after-removal")
+    assert x("getdents", "d") == "EACCES"  # not ['added-after-removal', 'log.txt']
+    assert x("opendir", "d2", f"{m}/shared") == "EACCES"
+    builder.ok(ws, "invite", "user:deskfs-member", "--role", "viewer")  # a role again: the same handle lists
+    assert x("getdents", "d") == ["added-after-removal", "log.txt"]
+    x.close()
+    records = [r for r in journal(builder, ws) if r["principal"] == "user:deskfs-member"]
+    refusals = [(r["op"], r["path"], r["details"]["role"]) for r in records if r["errno"] == errno.EACCES]
+    # The listing is refused by the role of whoever opened the handle; a new opendir does not get as far
+    # (the kernel's permission check first asks for the folder's attributes, or looks it up).
+    assert refusals[0] == ("readdir", "/shared", "none"), refusals
+    assert len(refusals) == 2 and refusals[1] in {("getattr", "/shared", "none"), ("lookup", "/shared", "none")}, \
+        refusals
+
+
+def test_open_handle_cannot_read_after_removal_once_a_member_looked_again(desk, fd_servers):
+    ws, m = desk, desk.mnt
+    build(ws, builder, {"shared/log.txt": "secret plans\n"}, ["shared"])
+    builder.ok(ws, "invite", "user:deskfs-member", "--role", "viewer")
+    path = f"{m}/shared/log.txt"
+    x = fd_servers(member)
+    assert x("open", "r", path, "O_RDONLY") == "OK"
+    assert x("pread", "r", 100, 0) == "secret plans\n"  # the pages are now cached
+    builder.ok(ws, "remove", "user:deskfs-member")
+    assert builder.attempts({"stat": f"os.stat('{path}')"}) == {"stat": "OK"}  # fresh attributes for the kernel
+    assert x("pread", "r", 100, 0) == "EACCES"  # not "secret plans\n" from the page cache
+    assert x("pread", "r", 5, 7) == "EACCES"
+    records = [r for r in journal(builder, ws) if r["principal"] == "user:deskfs-member"]
+    # Each read re-fetches the attributes first (auto_inval_data), and that is refused.
+    assert [(r["op"], r["path"], r["details"]["role"]) for r in records if r["errno"] == errno.EACCES] == \
+        [("getattr", "/shared/log.txt", "none")] * 2
+
+
+def test_a_lease_binds_others_only_while_its_holder_may_lock(desk):
+    ws, m = desk, desk.mnt
+    build(ws, builder, {"shared/plan.md": "plan\n", "shared/draft.md": "draft\n"}, ["shared"])
+    builder.ok(ws, "invite", "user:deskfs-member", "--role", "editor")
+    assert member.cli("lock", f"{m}/shared/plan.md").returncode == 0
+    assert member.cli("lock", f"{m}/shared/draft.md").returncode == 0
+    change = {"append": f"with open('{m}/shared/plan.md', 'a') as f: f.write('x')"}
+    assert helper.attempts(change) == {"append": "EBUSY"}
+    builder.ok(ws, "role", "user:deskfs-member", "viewer")
+    assert helper.attempts(change) == {"append": "OK"}  # a viewer's lease binds no one
+    builder.ok(ws, "role", "user:deskfs-member", "editor")
+    assert helper.attempts(change) == {"append": "EBUSY"}  # still held, binding again
+    builder.ok(ws, "remove", "user:deskfs-member")
+    assert helper.attempts(change) == {"append": "OK"}
+    # The former member cannot release it any more (it takes a role to lock or unlock); the owner breaks it.
+    assert "Permission denied" in refused(member.cli("unlock", f"{m}/shared/plan.md"))
+    assert builder.cli("unlock", "--force", f"{m}/shared/plan.md").returncode == 0
+    assert builder.run("getfattr", "-n", LOCK, f"{m}/shared/plan.md").returncode != 0
+    # A file deleted under a former member's lease takes the lease with it, journaled by the daemon.
+    assert helper.attempts({"delete": f"os.unlink('{m}/shared/draft.md')"}) == {"delete": "OK"}
+    unlock = wait_for_record(builder, ws, lambda r: r["op"] == "unlock" and r["principal"] == "deskfs")
+    assert unlock["errno"] is None and unlock["details"] == {
+        "kind": "lease", "holder": "user:deskfs-member", "reason": "file deleted"}, unlock
+    assert member.whoami(m) == "user:deskfs-member"  # not back in by the lease's end
+    assert member.attempts({"list": f"os.listdir('{m}/shared')"}) == {"list": "EACCES"}
+
+
+# -- 7. bad input -------------------------------------------------------------------------------
 
 
 def test_bad_member_commands_get_one_line_errors(desk, tmp_path):
@@ -702,7 +978,13 @@ def test_bad_member_commands_get_one_line_errors(desk, tmp_path):
     for args in usage:
         refused(builder.deskfs(ws, *args), code=2)
     assert "not a principal" in refused(builder.cli("init", "--owner", "bob", str(tmp_path / "other-store")), code=2)
+    assert "no Unix user 'no-such-user-zz9'" in refused(
+        builder.cli("init", "--owner", "user:no-such-user-zz9", str(tmp_path / "other-store")), code=2)
     assert not (tmp_path / "other-store").exists()
+    # The same command with a Unix user that exists makes the store.
+    assert "owned by user:deskfs-client" in builder.cli(
+        "init", "--owner", "user:deskfs-client", str(tmp_path / "other-store")).stdout
+    assert (tmp_path / "other-store").is_dir()
 
     line = refused(builder.deskfs(ws, "invite", "user:deskfs-client", "--role", "editor"))
     assert "already a member" in line and "deskfs role" in line, line
@@ -720,7 +1002,7 @@ def test_bad_member_commands_get_one_line_errors(desk, tmp_path):
                    ("invite", "user:no-such-user-zz9"), ("cancel_transfer", None)]
 
 
-# -- 7. defaults: the owner's own agents --------------------------------------------------------
+# -- 8. defaults: the owner's own agents --------------------------------------------------------
 
 
 def test_owner_unix_user_agents_are_editors_until_configured(desk):
@@ -731,8 +1013,8 @@ def test_owner_unix_user_agents_are_editors_until_configured(desk):
         assert who.whoami(m) == who.principal
         name = who.principal.replace(":", "-")
         assert who.attempts({
-            "write": f"open('{m}/{name}.txt', 'w').write('hi')",
-            "append": f"open('{m}/notes.txt', 'a').write('{name}\\n')",
+            "write": f"with open('{m}/{name}.txt', 'w') as f: f.write('hi')",
+            "append": f"with open('{m}/notes.txt', 'a') as f: f.write('{name}\\n')",
             "list": f"assert '{name}.txt' in os.listdir('{m}')",
         }) == {"write": "OK", "append": "OK", "list": "OK"}, who
     # Another Unix user's agent is no such editor.
@@ -745,7 +1027,7 @@ def test_owner_unix_user_agents_are_editors_until_configured(desk):
         assert who.attempts({
             "read": f"open('{m}/notes.txt').read()",
             "list": f"os.listdir('{m}')",
-            "write": f"open('{m}/notes.txt', 'a').write('x')",
+            "write": f"with open('{m}/notes.txt', 'a') as f: f.write('x')",
         }) == {"read": "OK", "list": "OK", "write": "EACCES"}, who
 
     builder.ok(ws, "config", "members.own_agents", "off")
@@ -753,16 +1035,16 @@ def test_owner_unix_user_agents_are_editors_until_configured(desk):
     for who in agents:
         assert who.attempts({
             "list": f"os.listdir('{m}')",
-            "write": f"open('{m}/notes.txt', 'a').write('x')",
-            "new": f"open('{m}/new.txt', 'w').write('x')",
+            "write": f"with open('{m}/notes.txt', 'a') as f: f.write('x')",
+            "new": f"with open('{m}/new.txt', 'w') as f: f.write('x')",
             "read": f"open('{m}/notes.txt').read()",
         }) == {"list": "EACCES", "write": "EACCES", "new": "EACCES", "read": "EACCES"}, who
 
     # The owner itself still works.
     assert builder.attempts({
-        "write": f"open('{m}/notes.txt', 'a').write('owner\\n')",
+        "write": f"with open('{m}/notes.txt', 'a') as f: f.write('owner\\n')",
         "list": f"assert 'notes.txt' in os.listdir('{m}')",
         "read": f"assert open('{m}/notes.txt').read().endswith('owner\\n')",
     }) == {"write": "OK", "list": "OK", "read": "OK"}
     builder.ok(ws, "config", "members.own_agents", "editor")
-    assert helper.attempts({"write": f"open('{m}/notes.txt', 'a').write('back\\n')"}) == {"write": "OK"}
+    assert helper.attempts({"write": f"with open('{m}/notes.txt', 'a') as f: f.write('back\\n')"}) == {"write": "OK"}

@@ -38,11 +38,15 @@ def fsck(store: Store) -> list[str]:
     repairs += _fix_link_counts(store)
     repairs += _fix_sizes(store)
     repairs += _drop_stray_objects(store)
-    for table in ("symlinks", "xattrs"):
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    for table in ("symlinks", "xattrs", "leases"):  # leases: made by the daemon's first open
+        if table not in tables:
+            continue
         gone = conn.execute(f"DELETE FROM {table} WHERE inode NOT IN (SELECT id FROM inodes)").rowcount
         if gone:
             repairs.append(f"removed {gone} {table} rows of deleted inodes")
     store.meta.cache.clear()
+    store.meta.names.clear()
     store.meta.commit()
     return repairs
 
