@@ -182,7 +182,10 @@ class Access:
         self._roles.clear()
         self.on_change()
 
-    def invite(self, actor: Actor, principal: str, role: str) -> None:
+    def invite(self, actor: Actor, principal: str, role: str, bound_to: str | None = None) -> None:
+        """Make `principal` a member. For an agent, `bound_to` names the Unix user it runs as, when that is
+        not the inviter's own: the name is bound to that user now if nobody has used it yet, and an
+        invitation of a name another user already took must say so (no one squats an invitation)."""
         check_principal(principal)
         if role not in INVITABLE:
             raise Refused(f"role must be one of {', '.join(INVITABLE)} (ownership moves by: deskfs transfer)", usage=True)
@@ -194,12 +197,31 @@ class Access:
         if principal.startswith("user:") and uid_of_user_principal(principal) is None:
             raise self._refuse(actor, "invite", f"there is no Unix user {principal[5:]!r} on this host", principal)
         if principal.startswith("agent:"):
-            # An agent nobody has used yet becomes the inviting owner's Unix user's, so that no other
-            # user can take the invitation by being first to claim the name.
-            self._bind_agent(principal[len("agent:"):], actor.uid)
+            self._check_agent_owner(actor, principal, bound_to)
+        elif bound_to is not None:
+            raise Refused("--bound-to is for agents (a user is bound to itself)", usage=True)
         self._set_role(principal, role, actor.principal)
         self._journal.record(actor, "invite", member=principal, role=role)
         self._changed()
+
+    def _check_agent_owner(self, actor: Actor, principal: str, bound_to: str | None) -> None:
+        name = principal[len("agent:"):]
+        wanted = actor.uid
+        if bound_to is not None:
+            wanted_or_none = uid_of_user_principal(f"user:{bound_to}")
+            if wanted_or_none is None:
+                raise self._refuse(actor, "invite", f"there is no Unix user {bound_to!r} on this host", principal)
+            wanted = wanted_or_none
+        bound = self._uid_of_agent(name)
+        if bound is None:
+            self._bind_agent(name, wanted)  # from now on only that Unix user can be this agent
+            return
+        if bound != wanted:
+            from deskfs.identity import user_principal
+
+            owner = user_principal(bound)[len("user:"):]
+            raise self._refuse(actor, "invite", f"{principal} already belongs to Unix user {owner} (who used it"
+                               f" first); if that is who you mean, add: --bound-to {owner}", principal)
 
     def change_role(self, actor: Actor, principal: str, role: str) -> None:
         check_principal(principal)

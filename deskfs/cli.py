@@ -560,7 +560,8 @@ def _member_command(op: str, message: Callable[[argparse.Namespace, dict], str],
 
 
 cmd_invite = _member_command("invite", lambda a, r: f"invited {a.principal} as {a.role}",
-                             lambda a: {"principal": a.principal, "role": a.role})
+                             lambda a: {"principal": a.principal, "role": a.role}
+                             | ({"bound_to": a.bound_to} if a.bound_to else {}))
 cmd_role = _member_command("role", lambda a, r: f"{a.principal} is now {a.role}",
                            lambda a: {"principal": a.principal, "role": a.role})
 cmd_remove = _member_command("remove", lambda a, r: f"removed {a.principal}", lambda a: {"principal": a.principal})
@@ -674,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("principal", help="agent:NAME or user:NAME")
         if takes_role and name == "invite":
             sub.add_argument("--role", required=True, help="editor or viewer")
+            sub.add_argument("--bound-to", metavar="USER",
+                             help="for an agent: the Unix user it runs as, when not yours")
         elif takes_role:
             sub.add_argument("role", help="editor or viewer")
         if name == "transfer":

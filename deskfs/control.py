@@ -291,7 +291,9 @@ class Daemon:
         })
 
     async def invite(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self.ops.access.invite(actor, str(request.get("principal", "")), str(request.get("role", "")))
+        bound_to = request.get("bound_to")
+        self.ops.access.invite(actor, str(request.get("principal", "")), str(request.get("role", "")),
+                               None if bound_to is None else str(bound_to))
         await self._changed()
         await _send(stream, {"ok": True})
 

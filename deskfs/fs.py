@@ -107,11 +107,13 @@ class Operations(pyfuse3.Operations):
     def __init__(self, store: Store, shared: bool = False) -> None:
         """`shared`: other Unix users can reach the mount (`--allow-other`).
 
-        The kernel's attribute cache is one for all users: on a shared mount it keeps none, so that
+        The kernel's caches are one for all users: on a shared mount they keep no attributes, so that
         every stat and every permission check on the way to a file comes to the daemon, where roles are
-        checked (a non-member must not learn sizes and times from what a member had looked at).
+        checked (a non-member must not learn sizes and times from what a member had looked at). Names in
+        the root folder are not cached either, since the root is the one folder anyone may pass through.
         """
         super().__init__()
+        self.shared = shared
         self.attr_timeout = 0.0 if shared else CACHE_TIMEOUT
         self.store = store
         self.meta = store.meta
@@ -215,10 +217,19 @@ class Operations(pyfuse3.Operations):
         entry.st_ctime_ns = inode.ctime_ns
         return entry
 
-    def _counted(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """Attributes handed to the kernel along with one more lookup reference."""
+    def _entry_timeout(self, parent: int) -> float:
+        return 0.0 if self.shared and parent == ROOT_INODE else CACHE_TIMEOUT
+
+    def _entry(self, inode: Inode, parent: int) -> pyfuse3.EntryAttributes:
+        """Attributes of `inode` as the entry of a name in folder `parent`."""
+        entry = self._attributes(inode)
+        entry.entry_timeout = self._entry_timeout(parent)
+        return entry
+
+    def _counted(self, inode: Inode, parent: int) -> pyfuse3.EntryAttributes:
+        """The entry of a name in `parent`, handed to the kernel along with one more lookup reference."""
         self.lookups[inode.id] = self.lookups.get(inode.id, 0) + 1
-        return self._attributes(inode)
+        return self._entry(inode, parent)
 
     def _release_if_unreferenced(self, ino: int) -> None:
         """Free an inode with no name left once the kernel and every handle are done with it."""
@@ -311,9 +322,9 @@ class Operations(pyfuse3.Operations):
             # A negative entry with a timeout lets the kernel remember the miss (ENOENT would not).
             entry = pyfuse3.EntryAttributes()
             entry.st_ino = 0
-            entry.entry_timeout = CACHE_TIMEOUT
+            entry.entry_timeout = self._entry_timeout(parent)
             return entry
-        return self._counted(self._inode(ino))
+        return self._counted(self._inode(ino), parent)
 
     @fuse_handler
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -400,11 +411,12 @@ class Operations(pyfuse3.Operations):
         self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         actor = self._actor(ctx)
-        return self._counted(self._make("mknod", parent, name, mode, rdev, actor, ctx, device=rdev))
+        return self._counted(self._make("mknod", parent, name, mode, rdev, actor, ctx, device=rdev), parent)
 
     @fuse_handler
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._counted(self._make("mkdir", parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, self._actor(ctx), ctx))
+        inode = self._make("mkdir", parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, self._actor(ctx), ctx)
+        return self._counted(inode, parent)
 
     @fuse_handler
     def symlink(
@@ -415,7 +427,7 @@ class Operations(pyfuse3.Operations):
         self.meta.set_symlink(inode.id, target)
         inode.size = len(target)
         self.meta.changed(inode)
-        return self._counted(inode)
+        return self._counted(inode, parent)
 
     @fuse_handler
     def link(self, ino: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -436,7 +448,7 @@ class Operations(pyfuse3.Operations):
         inode.ctime_ns = now
         self.meta.changed(inode)
         self._touch(folder, now)
-        return self._counted(inode)
+        return self._counted(inode, new_parent)
 
     @fuse_handler
     def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -580,7 +592,7 @@ class Operations(pyfuse3.Operations):
         actor = self._actor(ctx)
         inode = self._make("create", parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, actor, ctx,
                            **open_details(flags))
-        return self._new_handle(inode, flags, actor, self._child_path(parent, name)), self._counted(inode)
+        return self._new_handle(inode, flags, actor, self._child_path(parent, name)), self._counted(inode, parent)
 
     @fuse_handler
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -665,7 +677,7 @@ class Operations(pyfuse3.Operations):
                 return
             for name, child, cookie in batch:
                 inode = self._inode(child)
-                if not pyfuse3.readdir_reply(token, name, self._attributes(inode), cookie + 2):
+                if not pyfuse3.readdir_reply(token, name, self._entry(inode, ino), cookie + 2):
                     return
                 self.lookups[child] = self.lookups.get(child, 0) + 1
 
