@@ -1,7 +1,9 @@
 """The FUSE face of deskfs: `Operations` translates kernel requests into calls on the store.
 
-Owns the kernel's view of the tree while mounted: lookup counts, open handles, and the rule that an
-inode is freed only when it has no name, no lookup count and no open handle left.
+Owns the kernel's view of the tree while mounted: lookup counts, open handles (each bound to the actor
+that opened it), what the kernel may cache, and the rule that an inode is freed only when it has no name,
+no lookup count and no open handle left. Each handler asks `access` (role) and `locks` (EBUSY) whether
+the caller may, does the change on the store, and tells the journal what happened or was refused.
 
 Must never: block (every handler is synchronous code between two awaits, so the loop stays atomic and
 no SQL or file call may wait on anything slow); let an exception other than FUSEError reach pyfuse3
