@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from deskfs import journal
-from deskfs.access import VIEWER, ReadableFilter, Refused, check_principal
+from deskfs.access import VIEWER, ReadableFilter, Refused
 from deskfs.fs import Operations
 from deskfs.journal import Actor, Query
 from deskfs.layout import db_path
