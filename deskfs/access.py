@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from deskfs.journal import Actor, Journal, Record
+from deskfs.store.meta import ROOT_INODE
 
 NONE, VIEWER, EDITOR, OWNER = 0, 1, 2, 3
 ROLE_NAMES = {"none": NONE, "viewer": VIEWER, "editor": EDITOR, "owner": OWNER}
@@ -364,9 +365,8 @@ class ReadableFilter:
         return known
 
     def _walk(self, path: str) -> bool:
-        ino = 1
-        parts = [p for p in path.split("/") if p]
-        for i, name in enumerate(parts):
+        ino = ROOT_INODE
+        for name in (p for p in path.split("/") if p):
             mode, uid, gid = self._conn.execute("SELECT mode, uid, gid FROM inodes WHERE id=?", (ino,)).fetchone()
             if not self._allows(mode, uid, gid, 1):  # search permission on every folder on the way
                 return False

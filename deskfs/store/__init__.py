@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 
-from deskfs.access import add_owner
 from deskfs.errors import DeskfsError
 from deskfs.journal import Journal
 from deskfs.layout import check_is_store, db_path, lock_path, log_path, take_daemon_lock
@@ -24,7 +23,7 @@ from deskfs.store.meta import Meta
 
 def init_store(store_path: str, uid: int, gid: int, owner: str) -> None:
     """Create an empty store owned by principal `owner`; refuses a folder that holds one or anything else."""
-    from deskfs import identity  # here: identity's own imports reach this package
+    from deskfs import access, identity  # here: their own imports reach this package
 
     store_path = os.path.abspath(store_path)
     if os.path.exists(db_path(store_path)):
@@ -38,7 +37,7 @@ def init_store(store_path: str, uid: int, gid: int, owner: str) -> None:
     try:
         meta.create_schema(conn, uid, gid, time.time_ns())
         conn.execute("INSERT INTO settings (key, value) VALUES ('owner_uid', ?)", (str(uid),))
-        add_owner(conn, owner, time.time_ns())
+        access.add_owner(conn, owner, time.time_ns())
         conn.executescript(identity.SCHEMA)
         if owner.startswith("agent:"):  # the agent is this Unix user's: nobody else may claim it first
             identity.bind_agent(conn, owner[len("agent:"):], uid)
