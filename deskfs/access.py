@@ -347,7 +347,7 @@ class ReadableFilter:
             return True
         if record.path is None:
             return False
-        return all(self._readable(p) for p in (record.path, record.path2) if p is not None)
+        return all(self.path_readable(p) for p in (record.path, record.path2) if p is not None)
 
     def _allows(self, mode: int, uid: int, gid: int, bit: int) -> bool:
         if self._uid == 0:
@@ -358,7 +358,8 @@ class ReadableFilter:
             return bool(mode & (bit << 3))
         return bool(mode & bit)
 
-    def _readable(self, path: str) -> bool:
+    def path_readable(self, path: str) -> bool:
+        """Whether the reader's Unix user may read `path` now (the deepest existing folder, if it is gone)."""
         known = self._cache.get(path)
         if known is None:
             known = self._cache[path] = self._walk(path)

@@ -244,12 +244,15 @@ class Daemon:
         visibility = self._visibility(actor)
         recent = await in_worker(self.store.path, lambda conn: [
             r.as_json() for r in journal.newest(conn, Query(ops=list(journal.CHANGE_OPS), limit=10), visibility(conn))])
-        locks = self.ops.virtual.all_locks() if self.ops.virtual is not None else []
-        await _send(stream, {"ok": True, "files": files, "bytes": size, "active": self._active(),
+        virtual = self.ops.virtual
+        visible = virtual.visible_paths(actor) if virtual is not None else None
+        locks = virtual.all_locks(visible) if virtual is not None else []
+        await _send(stream, {"ok": True, "files": files, "bytes": size, "active": self._active(visible),
                              "locks": locks, "recent": recent})
 
-    def _active(self) -> list[dict]:
-        """Open handles now, by principal: how many, how many writing, and a few of their paths."""
+    def _active(self, visible: Callable[[str], bool] | None) -> list[dict]:
+        """Open handles now, by principal: how many, how many writing, and a few of the paths `visible`
+        lets through (all, for the owner)."""
         active: dict[str, dict] = {}
         for handle in self.ops.handles.values():
             entry = active.setdefault(handle.principal, {"principal": handle.principal, "handles": 0,
@@ -257,7 +260,7 @@ class Daemon:
             entry["handles"] += 1
             entry["writing"] += handle.changed
             path = self.ops.handle_path(handle)
-            if path and path not in entry["paths"] and len(entry["paths"]) < 5:
+            if path and path not in entry["paths"] and len(entry["paths"]) < 5 and (visible is None or visible(path)):
                 entry["paths"].append(path)
         return sorted(active.values(), key=lambda e: e["principal"])
 

@@ -709,7 +709,7 @@ class Operations(pyfuse3.Operations):
         if name != virtual_xattrs.WHOAMI:
             self._require(actor, VIEWER, "getxattr", ino, lambda: self.path_of(ino))
         if virtual_xattrs.is_virtual(name) and self.virtual is not None:
-            return self.virtual.get(ino, name, actor.principal)
+            return self.virtual.get(ino, name, actor)
         self._check_xattr_name(name, ctx, changing=False)
         value = self.meta.xattr(ino, name)
         if value is None:

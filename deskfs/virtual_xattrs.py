@@ -15,9 +15,9 @@ from __future__ import annotations
 import errno
 import json
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
-from deskfs.access import EDITOR, OWNER, Access
+from deskfs.access import EDITOR, OWNER, Access, ReadableFilter
 from deskfs.identity import Identity
 from deskfs.journal import Actor, Journal
 from deskfs.locks import Holder, LeaseRequest, LockError, LockTable, iso
@@ -50,23 +50,30 @@ class VirtualXattrs:
         self.journal = journal
         self.access = access
 
-    def get(self, ino: int, name: bytes, principal: str) -> bytes:
+    def get(self, ino: int, name: bytes, actor: Actor) -> bytes:
         if name == WHOAMI:
-            return principal.encode()
+            return actor.principal.encode()
         if name == LOCK:
             holders = self.locks.holders(ino)
             if not holders:
                 raise LockError(errno.ENODATA, "not locked")
             return "\n".join(h.describe() for h in holders).encode()
         if name == LOCKS and ino == ROOT_INODE:
-            return json.dumps(self.all_locks()).encode()
+            return json.dumps(self.all_locks(self.visible_paths(actor))).encode()
         raise LockError(errno.ENODATA, "no such attribute")
 
-    def all_locks(self) -> list[dict]:
+    def visible_paths(self, actor: Actor) -> Callable[[str], bool] | None:
+        """Which paths `actor` may see in a listing: all for the owner, else those its Unix user may read."""
+        if self.access.may_audit(actor.principal):
+            return None
+        return ReadableFilter(self.meta.conn, actor.principal, actor.uid).path_readable
+
+    def all_locks(self, visible: Callable[[str], bool] | None = None) -> list[dict]:
+        """Every lock held, with its path (only paths `visible` lets through, if given)."""
         listed = []
         for inode, holders in sorted(self.locks.all_holders().items()):
             path = self.meta.path_of(inode)
-            if path is None:
+            if path is None or (visible is not None and not visible(path.decode("utf-8", "backslashreplace"))):
                 continue
             listed += [holder_json(path.decode("utf-8", "surrogateescape"), h) for h in holders]
         return listed
