@@ -6,12 +6,15 @@ Every mount a test makes is unmounted when the test ends, pass or fail.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
+import select
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -138,6 +141,118 @@ def as_user(user: pwd.struct_passwd | None) -> list[str]:
     if user is None:
         return []
     return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
+
+
+def command_as(user: str, *command: str, agent: str | None = None) -> list[str]:
+    """`command` as Unix user `user` with a clean environment (plus DESKFS_AGENT=agent if given)."""
+    prefix = [*as_user(pwd.getpwnam(user)), "--reset-env", "env"]
+    if agent is not None:
+        prefix.append(f"DESKFS_AGENT={agent}")
+    return [*prefix, *command]
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without DESKFS_AGENT: a root process that is no agent."""
+    return {k: v for k, v in os.environ.items() if k != "DESKFS_AGENT"}
+
+
+def agent_env(name: str | None) -> dict[str, str]:
+    """The environment of root's agent `name` (of root itself, no agent, when None)."""
+    env = base_env()
+    if name is not None:
+        env["DESKFS_AGENT"] = name
+    return env
+
+
+def unix_users(*names: str) -> dict[str, pwd.struct_passwd]:
+    """Unix users `names`, each created if missing (no home, own group, /bin/sh) and kept between runs."""
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            result = subprocess.run(["useradd", "-M", "-U", "-s", "/bin/sh", name], capture_output=True, text=True)
+            if result.returncode not in (0, 9):  # 9: exists (another run raced us)
+                raise AssertionError(f"useradd {name}: {result.stderr}")
+    return {name: pwd.getpwnam(name) for name in names}
+
+
+def shared_workspace(make_workspace, tmp_path: Path, invite: tuple[str, ...] = ()) -> Workspace:
+    """A workspace mounted with --allow-other, reachable by other Unix users; those in `invite` made editors."""
+    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest's temp folders are 0700
+        os.chmod(folder, os.stat(folder).st_mode | 0o711)
+    ws = make_workspace("ws", True, "--allow-other")
+    for name in invite:
+        ws.invite(f"user:{name}")
+    return ws
+
+
+def system_deskfs() -> list[str]:
+    """The `deskfs` command under the system python3 (the CLI needs only the standard library)."""
+    import deskfs as package
+
+    root = str(Path(package.__file__).resolve().parent.parent)
+    return ["env", f"PYTHONPATH={root}", PY, "-m", "deskfs"]
+
+
+def user_deskfs(user: str) -> list[str]:
+    """The `deskfs` command as Unix user `user` can run it.
+
+    The test venv's interpreter may live where other users cannot reach it (e.g. under /root); then the
+    same deskfs package runs under the system python3.
+    """
+    probe = run(command_as(user, DESKFS, "--help"), cwd="/", check=False)
+    if probe.returncode == 0:
+        return [DESKFS]
+    return system_deskfs()
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a command printed (stdout and stderr together); never a traceback."""
+    text = (result.stdout + result.stderr).strip()
+    assert text and "\n" not in text, f"expected one line, got {text!r}"
+    assert "Traceback" not in text
+    return text
+
+
+def read_line(stream, timeout: float, buffer: bytearray) -> str:
+    """The next line of a child's pipe (`buffer` keeps what came after it); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buffer:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no answer within {timeout} s (got so far {bytes(buffer)!r})")
+        ready, _, _ = select.select([stream], [], [], left)
+        if ready:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                raise AssertionError(f"process ended without answering (got {bytes(buffer)!r})")
+            buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+class RequestServer:
+    """A child process that does what it is asked, one JSON list per line on its stdin, each answered with
+    one JSON line; it (and the handles it opens) lives until closed."""
+
+    def __init__(self, command: list[str], cwd: Path | str, env: dict[str, str] | None) -> None:
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, bufsize=0)
+        self.buffer = bytearray()
+
+    def __call__(self, *op):
+        self.proc.stdin.write((json.dumps([str(a) if isinstance(a, Path) else a for a in op]) + "\n").encode())
+        return json.loads(read_line(self.proc.stdout, 30, self.buffer))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def py(code: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool = True,

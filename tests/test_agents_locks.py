@@ -16,7 +16,6 @@ import json
 import os
 import pwd
 import re
-import select
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DESKFS, concurrent_sqlite_writers, deskfs, run
+from conftest import (DESKFS, RequestServer, agent_env, command_as, concurrent_sqlite_writers, deskfs, one_line,
+                      read_line, run, shared_workspace, unix_users, user_deskfs)
 
 LOCK = "user.deskfs.lock"
 WHOAMI = "user.deskfs.whoami"
@@ -38,17 +38,6 @@ LINE_RE = re.compile(
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "DESKFS_AGENT"}
-
-
-def agent_env(name: str | None) -> dict[str, str]:
-    env = base_env()
-    if name is not None:
-        env["DESKFS_AGENT"] = name
-    return env
 
 
 def daemon_log(ws) -> str:
@@ -65,34 +54,11 @@ def iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def as_user(user: str, *command: str, agent: str | None = None) -> list[str]:
-    """`command` as Unix user `user` with a clean environment (plus DESKFS_AGENT=agent if given)."""
-    pw = pwd.getpwnam(user)
-    prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--reset-env", "env"]
-    if agent is not None:
-        prefix.append(f"DESKFS_AGENT={agent}")
-    return [*prefix, *command]
-
-
-def user_deskfs(user: str) -> list[str]:
-    """The `deskfs` command as Unix user `user` can run it.
-
-    The test venv's interpreter may live where other users cannot reach it (e.g. under /root); then the
-    same deskfs package runs under the system python3 (the CLI needs only the standard library).
-    """
-    probe = run(as_user(user, DESKFS, "--help"), cwd="/", check=False)
-    if probe.returncode == 0:
-        return [DESKFS]
-    import deskfs as package
-    root = str(Path(package.__file__).resolve().parent.parent)
-    return ["env", f"PYTHONPATH={root}", "/usr/bin/python3", "-m", "deskfs"]
-
-
 def getfattr(path: Path | str, name: str, agent: str | None = None, user: str | None = None,
              cwd: Path | str = "/") -> subprocess.CompletedProcess:
     command = ["getfattr", "--only-values", "-n", name, str(path)]
     if user is not None:
-        return run(as_user(user, *command, agent=agent), cwd=cwd, check=False)
+        return run(command_as(user, *command, agent=agent), cwd=cwd, check=False)
     return run(command, cwd=cwd, check=False, env=agent_env(agent))
 
 
@@ -101,7 +67,7 @@ def setfattr(path: Path | str, value: str | None, agent: str | None = None, user
     """setfattr -n NAME -v VALUE, or setfattr -x NAME when value is None."""
     command = ["setfattr", "-x", name, str(path)] if value is None else ["setfattr", "-n", name, "-v", value, str(path)]
     if user is not None:
-        return run(as_user(user, *command, agent=agent), cwd="/", check=False)
+        return run(command_as(user, *command, agent=agent), cwd="/", check=False)
     return run(command, cwd="/", check=False, env=agent_env(agent))
 
 
@@ -143,30 +109,6 @@ def wait_until(predicate, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
-
-
-def one_line(result: subprocess.CompletedProcess) -> str:
-    text = (result.stdout + result.stderr).strip()
-    assert text and "\n" not in text, f"expected one line, got {text!r}"
-    assert "Traceback" not in text
-    return text
-
-
-def read_line(stream, timeout: float, buffer: bytearray) -> str:
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buffer:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no answer within {timeout} s (got so far {bytes(buffer)!r})")
-        ready, _, _ = select.select([stream], [], [], left)
-        if ready:
-            chunk = os.read(stream.fileno(), 65536)
-            if not chunk:
-                raise AssertionError(f"process ended without answering (got {bytes(buffer)!r})")
-            buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
 
 
 # An agent process: performs file operations on request (one JSON list per line on stdin) and answers
@@ -218,30 +160,13 @@ AGENT_SERVER = textwrap.dedent(
 )
 
 
-class Agent:
+class Agent(RequestServer):
     def __init__(self, name: str | None, cwd: Path) -> None:
         self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", AGENT_SERVER], cwd=cwd, env=agent_env(name),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-        )
-        self.buffer = bytearray()
-
-    def __call__(self, *op):
-        self.proc.stdin.write((json.dumps([str(a) if isinstance(a, Path) else a for a in op]) + "\n").encode())
-        return json.loads(read_line(self.proc.stdout, 30, self.buffer))
+        super().__init__([sys.executable, "-c", AGENT_SERVER], cwd, agent_env(name))
 
     def many(self, ops: dict[str, tuple]) -> dict[str, object]:
         return {label: self(*op) for label, op in ops.items()}
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 HOLD = textwrap.dedent(
@@ -317,24 +242,13 @@ def holders_cleanup():
 @pytest.fixture(scope="session")
 def users() -> dict[str, pwd.struct_passwd]:
     """Unix users deskfs-u1 and deskfs-u2 (created once, kept between runs)."""
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            result = subprocess.run(["useradd", "-M", "-U", "-s", "/bin/sh", name], capture_output=True, text=True)
-            if result.returncode != 0 and result.returncode != 9:  # 9: exists (another run raced us)
-                raise AssertionError(f"useradd {name}: {result.stderr}")
-    return {name: pwd.getpwnam(name) for name in USERS}
+    return unix_users(*USERS)
 
 
 @pytest.fixture
 def shared_ws(make_workspace, tmp_path, users):
     """A workspace mounted with --allow-other, reachable and writable by the test users."""
-    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
-        os.chmod(folder, os.stat(folder).st_mode | 0o711)
-    ws = make_workspace("ws", True, "--allow-other")
-    for name in USERS:
-        ws.invite(f"user:{name}")
+    ws = shared_workspace(make_workspace, tmp_path, invite=USERS)
     os.chmod(ws.mnt, 0o777)
     return ws
 
@@ -621,7 +535,8 @@ def test_lease_survives_remount_and_break_is_owner_only(shared_ws, agents, users
     assert b("write", f, "B") == "EBUSY"
 
     # A non-owner Unix user may not break it, through the command or the attribute.
-    refused = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "unlock", "--force", str(f)), cwd="/", check=False)
+    refused = run(command_as("deskfs-u1", *user_deskfs("deskfs-u1"), "unlock", "--force", str(f)), cwd="/",
+                  check=False)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     one_line(refused)
     attr = setfattr(f, "break", user="deskfs-u1")
@@ -667,7 +582,7 @@ def test_identity_and_agent_name_bound_to_first_uid(shared_ws, users):
     assert whoami(mnt, agent="bound1") == "agent:bound1"
     assert whoami(mnt, user="deskfs-u1") == "user:deskfs-u1"
     assert whoami(mnt, agent="bound1", user="deskfs-u1") == "user:deskfs-u1"
-    out = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "whoami", "--mount", str(mnt), agent="bound1"),
+    out = run(command_as("deskfs-u1", *user_deskfs("deskfs-u1"), "whoami", "--mount", str(mnt), agent="bound1"),
               cwd="/")
     assert out.stdout == "user:deskfs-u1\n"
     assert whoami(mnt, agent="bound1") == "agent:bound1"

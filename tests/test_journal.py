@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DESKFS, deskfs, run
+from conftest import (DESKFS, agent_env, base_env, command_as, deskfs, one_line, run, shared_workspace, unix_users,
+                      user_deskfs)
 from deskfs import journal
 
 USERS = ("deskfs-u1",)
@@ -44,39 +45,21 @@ HUMAN_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d{3}  \S+  .+$")
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "DESKFS_AGENT"}
-
-
-def agent_env(name: str | None) -> dict[str, str]:
-    env = base_env()
-    if name is not None:
-        env["DESKFS_AGENT"] = name
-    return env
-
-
 def as_agent(name: str | None, code: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run a python snippet in its own process as agent `name` (root's agent)."""
     return run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=agent_env(name), check=check)
 
 
-def as_user(user: str, *command: str, agent: str | None = None) -> list[str]:
-    """`command` as Unix user `user` with a clean environment (plus DESKFS_AGENT=agent if given)."""
-    pw = pwd.getpwnam(user)
-    prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--reset-env", "env"]
-    if agent is not None:
-        prefix.append(f"DESKFS_AGENT={agent}")
-    return [*prefix, *command]
-
-
-def user_deskfs(user: str) -> list[str]:
-    """The `deskfs` command as Unix user `user` can run it (the system python if the venv is out of reach)."""
-    probe = run(as_user(user, DESKFS, "--help"), cwd="/", check=False)
-    if probe.returncode == 0:
-        return [DESKFS]
-    import deskfs as package
-    root = str(Path(package.__file__).resolve().parent.parent)
-    return ["env", f"PYTHONPATH={root}", "/usr/bin/python3", "-m", "deskfs"]
+def try_write(name: str, path: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Agent `name` writes its name into `path`; prints the errno (a number) if the write is refused."""
+    return as_agent(name, f"""
+        import os
+        fd = os.open({path!r}, os.O_WRONLY)
+        try:
+            os.write(fd, {name.encode()!r})
+        except OSError as e:
+            print(e.errno)
+    """, cwd)
 
 
 def log(ws, *args: str, cwd: Path | str | None = None) -> list[dict]:
@@ -104,13 +87,6 @@ def has(records: list[dict], **fields) -> bool:
 
 def key(r: dict) -> tuple:
     return (r["principal"], r["op"], r["path"], r["path2"], r["errno"])
-
-
-def one_line(result: subprocess.CompletedProcess) -> str:
-    text = (result.stdout + result.stderr).strip()
-    assert text and "\n" not in text, f"expected one line, got {text!r}"
-    assert "Traceback" not in text
-    return text
 
 
 class Lines:
@@ -164,22 +140,13 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def users() -> dict[str, pwd.struct_passwd]:
     """Unix user deskfs-u1 (created once, kept between runs)."""
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            result = subprocess.run(["useradd", "-M", "-U", "-s", "/bin/sh", name], capture_output=True, text=True)
-            if result.returncode not in (0, 9):  # 9: exists (another run raced us)
-                raise AssertionError(f"useradd {name}: {result.stderr}")
-    return {name: pwd.getpwnam(name) for name in USERS}
+    return unix_users(*USERS)
 
 
 @pytest.fixture
 def shared_ws(make_workspace, tmp_path, users):
     """A workspace mounted with --allow-other, reachable by the test users."""
-    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
-        os.chmod(folder, os.stat(folder).st_mode | 0o711)
-    ws = make_workspace("ws", True, "--allow-other")
+    ws = shared_workspace(make_workspace, tmp_path)
     os.chmod(ws.mnt, 0o777)
     return ws
 
@@ -520,14 +487,7 @@ def test_log_filters_and_bad_input(ws):
     (mnt / "top.md").write_text("top")
     assert run(["setfattr", "-n", LOCK, "-v", "exclusive", str(mnt / "notes/n.md")], cwd="/",
                env=agent_env("a2")).returncode == 0
-    out = as_agent("a1", """
-        import os
-        fd = os.open("notes/n.md", os.O_WRONLY)
-        try:
-            os.write(fd, b"a1")
-        except OSError as e:
-            print(e.errno)
-    """, mnt)
+    out = try_write("a1", "notes/n.md", mnt)
     assert out.stdout.strip() == "16"
     files = ("/reports/q1.md", "/reports/data.csv", "/deep/x/y.md", "/notes/n.md", "/top.md")
     full = wait_log(ws, lambda rs: all(has(rs, op="close_write", path=f) for f in files), "every close_write")
@@ -869,26 +829,20 @@ def test_refusals_are_journaled_with_their_errno(shared_ws, users):
     assert run(["setfattr", "-n", LOCK, "-v", "exclusive", str(f)], cwd="/", env=agent_env("alice")).returncode == 0
 
     # Another agent's write under alice's lease: EBUSY.
-    out = as_agent("bob", """
-        import os
-        fd = os.open("shared.txt", os.O_WRONLY)
-        try:
-            os.write(fd, b"bob")
-        except OSError as e:
-            print(e.errno)
-    """, mnt)
+    out = try_write("bob", "shared.txt", mnt)
     assert out.stdout.strip() == "16"
 
     # A member who is not the owner may not break the lease: EPERM.
     deskfs("invite", "user:deskfs-u1", "--role", "editor", cwd=mnt, env=base_env())
     u1 = users["deskfs-u1"]
-    broke = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "unlock", "--force", str(f)), cwd="/", check=False)
+    broke = run(command_as("deskfs-u1", *user_deskfs("deskfs-u1"), "unlock", "--force", str(f)), cwd="/",
+                check=False)
     assert broke.returncode == 1, broke.stdout + broke.stderr
     one_line(broke)
 
     # Claiming root's agent from another Unix user: an impersonation, and u1 acts as itself.
-    claimed = run(as_user("deskfs-u1", "/usr/bin/python3", "-c",
-                          f"open({str(mnt / 'u1-made.txt')!r}, 'w').write('u1')", agent="alice"), cwd="/")
+    claimed = run(command_as("deskfs-u1", "/usr/bin/python3", "-c",
+                             f"open({str(mnt / 'u1-made.txt')!r}, 'w').write('u1')", agent="alice"), cwd="/")
     assert claimed.returncode == 0
     assert os.stat(mnt / "u1-made.txt").st_uid == u1.pw_uid
 
@@ -989,8 +943,8 @@ def test_reading_the_tree_is_journaled_only_when_refused(shared_ws, users, procs
     wait_log(ws, lambda rs: has(rs, op="close_write", path="/box/f.txt"), "f.txt's close_write")
     deskfs("invite", "user:deskfs-u1", "--role", "viewer", cwd=mnt, env=base_env())
 
-    u1 = subprocess.Popen(as_user("deskfs-u1", "/usr/bin/python3", "-c", READ_ONLY_TRIES, str(mnt)), cwd="/",
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    u1 = subprocess.Popen(command_as("deskfs-u1", "/usr/bin/python3", "-c", READ_ONLY_TRIES, str(mnt)),
+                          cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(u1)
     out = Lines(u1.stdout)
     line = out.next(20)
@@ -1041,14 +995,14 @@ def test_viewer_sees_only_records_of_paths_it_may_read(shared_ws, users):
         os.rename("secret/b.txt", "secret/c.txt")
     """, mnt)
     deskfs("invite", "user:deskfs-u1", "--role", "viewer", cwd=mnt, env=base_env())
-    read = run(as_user("deskfs-u1", "cat", str(mnt / "public/a.txt")), cwd="/")
+    read = run(command_as("deskfs-u1", "cat", str(mnt / "public/a.txt")), cwd="/")
     assert read.stdout == "for everyone"
-    assert run(as_user("deskfs-u1", "ls", str(mnt / "secret")), cwd="/", check=False).returncode != 0
+    assert run(command_as("deskfs-u1", "ls", str(mnt / "secret")), cwd="/", check=False).returncode != 0
 
     full = wait_log(ws, lambda rs: len([r for r in rs if r["op"] == "close_write"]) == 2, "both close_writes")
     assert has(full, path="/secret/b.txt", op="create") and has(full, op="rename", path2="/secret/c.txt")
-    u1_log = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
-                         str(mnt)), cwd="/")
+    u1_log = run(command_as("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
+                            str(mnt)), cwd="/")
     seen = [json.loads(line) for line in u1_log.stdout.splitlines()]
     assert has(seen, principal="agent:writer", op="create", path="/public/a.txt")
     assert has(seen, principal="agent:writer", op="mkdir", path="/public")
@@ -1061,11 +1015,11 @@ def test_viewer_sees_only_records_of_paths_it_may_read(shared_ws, users):
                 or (r["path"] is not None and not (r["path"] + "/").startswith("/secret/")
                     and not (r["path2"] or "").startswith("/secret"))]
     assert [r["seq"] for r in seen if r["seq"] <= full[-1]["seq"]] == [r["seq"] for r in readable]
-    filtered = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
-                           str(mnt), "--path", "secret/**"), cwd="/")
+    filtered = run(command_as("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--json", "--limit", "0", "--mount",
+                              str(mnt), "--path", "secret/**"), cwd="/")
     assert filtered.stdout == ""
-    refused = run(as_user("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--verify", "--mount", str(mnt)), cwd="/",
-                  check=False)
+    refused = run(command_as("deskfs-u1", *user_deskfs("deskfs-u1"), "log", "--verify", "--mount", str(mnt)),
+                  cwd="/", check=False)
     assert refused.returncode == 1
     one_line(refused)
 

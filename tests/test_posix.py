@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, RENAMEAT2, as_user, outcome, py, run
+from conftest import PY, RENAMEAT2, as_user, outcome, py, run, shared_workspace, unix_users
 
 TEST_USERS = ("deskfs-t1", "deskfs-t2")
 
@@ -29,14 +29,7 @@ TEST_USERS = ("deskfs-t1", "deskfs-t2")
 @pytest.fixture(scope="session")
 def users() -> list[pwd.struct_passwd]:
     """Two unprivileged Unix users, created if missing (idempotent, also across sessions)."""
-    for name in TEST_USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            result = subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
-                                    capture_output=True, text=True)
-            assert result.returncode in (0, 9), result.stderr  # 9: created meanwhile by another run
-    return [pwd.getpwnam(name) for name in TEST_USERS]
+    return list(unix_users(*TEST_USERS).values())
 
 
 def sh(cmd: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -56,11 +49,7 @@ def objects_of(store: Path) -> set[int]:
 @pytest.fixture
 def shared(make_workspace, tmp_path, users):
     """A workspace mounted with --allow-other, reachable by other users, with a world-writable folder `pub`."""
-    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest's temp folders are 0700
-        os.chmod(folder, stat.S_IMODE(os.stat(folder).st_mode) | 0o011)
-    ws = make_workspace("ws", True, "--allow-other")
-    for name in TEST_USERS:
-        ws.invite(f"user:{name}")
+    ws = shared_workspace(make_workspace, tmp_path, invite=TEST_USERS)
     run("mkdir pub && chmod 0777 pub", cwd=ws.mnt)
     return ws
 

@@ -27,7 +27,6 @@ import errno
 import json
 import os
 import pwd
-import select
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DESKFS, PY, Workspace, deskfs
+from conftest import (DESKFS, PY, RequestServer, Workspace, agent_env, command_as, deskfs, system_deskfs,
+                      unix_users)
 
 CLIENT, MEMBER, STRANGER = "deskfs-client", "deskfs-member", "deskfs-stranger"
 BUILDER = "builder"
@@ -47,16 +47,6 @@ LOCK = "user.deskfs.lock"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "DESKFS_AGENT"}
-
-
-def _package_root() -> str:
-    import deskfs as package
-
-    return str(Path(package.__file__).resolve().parent.parent)
 
 
 @dataclass(frozen=True)
@@ -69,19 +59,12 @@ class Who:
     def command(self, *cmd: str) -> list[str]:
         if self.user is None:
             return list(cmd)
-        pw = pwd.getpwnam(self.user)
-        prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--reset-env", "env"]
-        if self.agent is not None:
-            prefix.append(f"DESKFS_AGENT={self.agent}")
-        return [*prefix, *cmd]
+        return command_as(self.user, *cmd, agent=self.agent)
 
     def env(self) -> dict[str, str] | None:
         if self.user is not None:
             return None  # setpriv --reset-env, then `env` sets what is needed
-        env = base_env()
-        if self.agent is not None:
-            env["DESKFS_AGENT"] = self.agent
-        return env
+        return agent_env(self.agent)
 
     def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*cmd), cwd="/", env=self.env(), capture_output=True, text=True,
@@ -96,7 +79,7 @@ class Who:
         # under the system python3 (the CLI needs only the standard library).
         if self.user is None:
             return [DESKFS]
-        return ["env", f"PYTHONPATH={_package_root()}", PY, "-m", "deskfs"]
+        return system_deskfs()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """`deskfs ARGS` exactly as given."""
@@ -195,23 +178,6 @@ else:
 AT_STATX_DONT_SYNC, STATX_BASIC_STATS = 0x4000, 0x7FF
 
 
-def read_line(stream, timeout: float, buffer: bytearray) -> str:
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buffer:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no answer within {timeout} s (got so far {bytes(buffer)!r})")
-        ready, _, _ = select.select([stream], [], [], left)
-        if ready:
-            chunk = os.read(stream.fileno(), 65536)
-            if not chunk:
-                raise AssertionError(f"process ended without answering (got {bytes(buffer)!r})")
-            buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 # A process that keeps file descriptors open and works on them on request (one JSON list per line on
 # stdin), answering each with one JSON line: "OK", the data read, or the errno's name.
 FD_SERVER = r"""
@@ -259,24 +225,9 @@ for line in sys.stdin:
 """
 
 
-class FdServer:
+class FdServer(RequestServer):
     def __init__(self, who: Who) -> None:
-        self.proc = subprocess.Popen(who.command(PY, "-c", FD_SERVER), cwd="/", env=who.env(),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        self.buffer = bytearray()
-
-    def __call__(self, *op):
-        self.proc.stdin.write((json.dumps([str(a) if isinstance(a, Path) else a for a in op]) + "\n").encode())
-        return json.loads(read_line(self.proc.stdout, 30, self.buffer))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(who.command(PY, "-c", FD_SERVER), "/", who.env())
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -285,14 +236,7 @@ class FdServer:
 @pytest.fixture(scope="session")
 def people() -> dict[str, pwd.struct_passwd]:
     """Unix users deskfs-client, deskfs-member and deskfs-stranger (created once, kept between runs)."""
-    for name in (CLIENT, MEMBER, STRANGER):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            result = subprocess.run(["useradd", "-M", "-U", "-s", "/bin/sh", name], capture_output=True, text=True)
-            if result.returncode not in (0, 9):  # 9: exists (another run raced us)
-                raise AssertionError(f"useradd {name}: {result.stderr}")
-    return {name: pwd.getpwnam(name) for name in (CLIENT, MEMBER, STRANGER)}
+    return unix_users(CLIENT, MEMBER, STRANGER)
 
 
 class SeededWorkspace(Workspace):
