@@ -13,7 +13,8 @@ removing/leaving; agent names cannot be claimed across Unix users, nor an invite
 claiming it after the invitation; on a shared (--allow-other) mount nothing a member looked at can be
 stat-ed by a non-member (the kernel keeps no attributes there), and role changes reach open file and folder
 handles; bad input gives one-line errors with exit 2 or 1; the owner's own agents are editors by default
-until `members.own_agents` says otherwise.
+until `members.own_agents` says otherwise; `deskfs status` and the locks listing show a member
+who is not the owner only the paths it may read.
 
 On a shared mount names directly below the root are not cached either, so a non-member learns nothing
 about them from a member's lookups (statx with AT_STATX_DONT_SYNC, cached misses); an agent name claimed
@@ -879,6 +880,28 @@ def test_a_lease_binds_others_only_while_its_holder_may_lock(desk):
         "kind": "lease", "holder": "user:deskfs-member", "reason": "file deleted"}, unlock
     assert member.whoami(m) == "user:deskfs-member"  # not back in by the lease's end
     assert member.attempts({"list": f"os.listdir('{m}/shared')"}) == {"list": "EACCES"}
+
+
+def test_status_and_locks_show_a_member_only_paths_it_may_read(desk, fd_servers):
+    ws, m = desk, desk.mnt
+    build(ws, builder, {"open/notes.md": "notes\n", "private/secret.md": "secret\n"}, ["open", "private"])
+    builder.py("import os, sys; os.chmod(sys.argv[1], 0o700)", f"{m}/private")  # root's, and nobody else's
+    builder.ok(ws, "invite", "user:deskfs-member", "--role", "viewer")
+    assert builder.cli("lock", f"{m}/open/notes.md").returncode == 0
+    assert builder.cli("lock", f"{m}/private/secret.md").returncode == 0
+    holder = fd_servers(builder)
+    assert holder("open", "s", f"{m}/private/secret.md", "O_RDONLY") == "OK"  # open files of the owner's agent
+    assert holder("open", "n", f"{m}/open/notes.md", "O_RDONLY") == "OK"
+
+    def seen_by(who: Who) -> tuple[set[str], set[str]]:
+        status = json.loads(who.ok(ws, "status", "--json"))[0]
+        opened = {p for a in status["active"] for p in a["paths"]}
+        listed = json.loads(who.run("getfattr", "--only-values", "-n", "user.deskfs.locks", str(m)).stdout)
+        assert {h["path"] for h in status["locks"]} == {h["path"] for h in listed}
+        return opened, {h["path"] for h in listed}
+
+    assert seen_by(builder) == ({"/open/notes.md", "/private/secret.md"}, {"/open/notes.md", "/private/secret.md"})
+    assert seen_by(member) == ({"/open/notes.md"}, {"/open/notes.md"})  # not a word of /private
 
 
 # -- 7. bad input -------------------------------------------------------------------------------
