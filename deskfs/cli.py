@@ -225,8 +225,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_activity(summary: dict[str, Any]) -> None:
-    from deskfs.journal import human_line
-
     print(f"\n{summary['mountpoint']}:")
     if "error" in summary:
         print(f"  {summary['error']}")
@@ -241,7 +239,7 @@ def _print_activity(summary: dict[str, Any]) -> None:
     print("  recent changes:" + ("" if summary["recent"] else " none"))
     today = time.strftime("%Y-%m-%d")
     for record in summary["recent"]:
-        print(f"    {human_line(record, today)}")
+        print(f"    {_record_line(record, today)}")
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -401,6 +399,44 @@ def cmd_locks(args: argparse.Namespace) -> int:
 # -- the journal ------------------------------------------------------------------------------
 
 
+def _detail_words(op: str, details: dict) -> str:
+    if op in ("read", "write") and "calls" in details:
+        calls = details.get("calls", 0)
+        return f"{calls} {op}{'s' if calls != 1 else ''}, {_human_size(details.get('bytes', 0))}"
+    words = []
+    for key, value in details.items():
+        if value in (None, "", [], False):
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        words.append(key if value is True else f"{key} {value}")
+    return ", ".join(words)
+
+
+def _record_line(record: dict, today: str | None = None) -> str:
+    """`12:03:04.123  agent:writer  wrote  /reports/q3.md  (3 writes, 12.4 KiB)` from a record's JSON."""
+    from errno import errorcode
+
+    from deskfs.journal import OPS
+
+    local = time.localtime(record["time_ns"] / 1e9)
+    stamp = time.strftime("%H:%M:%S", local) + f".{record['time_ns'] // 1_000_000 % 1000:03d}"
+    if today is not None and time.strftime("%Y-%m-%d", local) != today:
+        stamp = time.strftime("%Y-%m-%d ", local) + stamp
+    op = record["op"]
+    verb = f"DENIED {op}" if record["denied"] else OPS.get(op, op)
+    where = record["path"] or (f"inode {record['inode']}" if record["inode"] else "")
+    if record["path2"]:
+        where += f" -> {record['path2']}"
+    words = _detail_words(op, dict(record["details"] or {}))
+    if record["denied"]:
+        name = errorcode.get(record["errno"], str(record["errno"]))
+        words = name + (f": {words}" if words else "")
+    return "  ".join(part for part in (stamp, record["principal"], verb, where) if part) + (f"  ({words})" if words else "")
+
+
+
+
 def _journal_query(args: argparse.Namespace, mount: mounts.Mount | None) -> dict:
     """The query the filters of `deskfs log` ask for; a one-line usage error for any that cannot be read."""
     from deskfs.access import Refused, check_principal
@@ -503,9 +539,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _print_record(record: dict, as_json: bool) -> None:
-    from deskfs.journal import human_line
-
-    print(json.dumps(record) if as_json else human_line(record, time.strftime("%Y-%m-%d")), flush=True)
+    print(json.dumps(record) if as_json else _record_line(record, time.strftime("%Y-%m-%d")), flush=True)
 
 
 def _verify(mount: mounts.Mount | None, store: str | None) -> int:

@@ -26,7 +26,6 @@ import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from errno import errorcode
 from typing import Callable, Iterator, NamedTuple
 
 SCHEMA = """
@@ -535,49 +534,3 @@ def verify(conn: sqlite3.Connection) -> Verdict:
         checked += 1
         expected_seq += 1
     return Verdict(checked, None, None)
-
-
-# -- reading it as a person -------------------------------------------------------------------
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _detail_words(op: str, details: dict) -> str:
-    if op in ("read", "write") and "calls" in details:
-        calls = details.get("calls", 0)
-        return f"{calls} {op}{'s' if calls != 1 else ''}, {_size(details.get('bytes', 0))}"
-    words = []
-    for key, value in details.items():
-        if value in (None, "", [], False):
-            continue
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        words.append(key if value is True else f"{key} {value}")
-    return ", ".join(words)
-
-
-def human_line(record: dict, today: str | None = None) -> str:
-    """`12:03:04.123  agent:writer  wrote  /reports/q3.md  (3 writes, 12.4 KiB)` from a record's JSON."""
-    local = time.localtime(record["time_ns"] / 1e9)
-    stamp = time.strftime("%H:%M:%S", local) + f".{record['time_ns'] // 1_000_000 % 1000:03d}"
-    if today is not None and time.strftime("%Y-%m-%d", local) != today:
-        stamp = time.strftime("%Y-%m-%d ", local) + stamp
-    op = record["op"]
-    verb = OPS.get(op, op)
-    if record["denied"]:
-        verb = f"DENIED {op}"
-    where = record["path"] or (f"inode {record['inode']}" if record["inode"] else "")
-    if record["path2"]:
-        where += f" -> {record['path2']}"
-    details = dict(record["details"] or {})
-    words = _detail_words(op, details)
-    if record["denied"]:
-        name = errorcode.get(record["errno"], str(record["errno"]))
-        words = name + (f": {words}" if words else "")
-    return "  ".join(part for part in (stamp, record["principal"], verb, where) if part) + (f"  ({words})" if words else "")
