@@ -324,11 +324,17 @@ class Access:
         return self.role(principal) == OWNER
 
 
+# Records about the workspace as a whole, which every member may see (when they were not refused).
+WORKSPACE_OPS = frozenset({"invite", "role", "remove", "leave", "transfer", "accept_transfer", "cancel_transfer",
+                           "config", "mount", "unmount", "fsck", "prune"})
+
+
 class ReadableFilter:
-    """Which journal records a member who is not the owner may see: those of paths its Unix user may read.
+    """Which journal records a member who is not the owner may see: its own, those of paths its Unix user
+    may read, and the workspace's own events (membership, settings, mounts).
 
     Runs on a read-only connection in a worker thread. A path that is gone is judged by its deepest
-    folder that still exists; a record without a path only by whether it is the reader's own.
+    folder that still exists.
     """
 
     def __init__(self, conn: sqlite3.Connection, principal: str, uid: int) -> None:
@@ -346,7 +352,7 @@ class ReadableFilter:
         if record.principal == self._principal:
             return True
         if record.path is None:
-            return False
+            return record.op in WORKSPACE_OPS and record.errno is None
         return all(self.path_readable(p) for p in (record.path, record.path2) if p is not None)
 
     def _allows(self, mode: int, uid: int, gid: int, bit: int) -> bool:

@@ -1007,11 +1007,16 @@ def test_viewer_sees_only_records_of_paths_it_may_read(shared_ws, users):
     assert has(seen, principal="agent:writer", op="create", path="/public/a.txt")
     assert has(seen, principal="agent:writer", op="mkdir", path="/public")
     assert has(seen, principal="user:deskfs-u1", op="open", path="/public/a.txt")
+    # The workspace's own events (membership, mounts) are every member's; others' pathless records are not.
+    workspace_ops = {"invite", "role", "remove", "leave", "transfer", "accept_transfer", "cancel_transfer",
+                     "config", "mount", "unmount", "fsck", "prune"}
+    assert has(seen, principal="user:root", op="invite") and has(seen, principal="deskfs", op="mount")
     for r in seen:
         assert not any(p and p.startswith("/secret") for p in (r["path"], r["path2"])), r
-        assert r["principal"] == "user:deskfs-u1" or r["path"] is not None, r
+        assert r["principal"] == "user:deskfs-u1" or r["path"] is not None or r["op"] in workspace_ops, r
     # Exactly the records of readable paths (and its own): nothing readable was held back either.
     readable = [r for r in full if r["principal"] == "user:deskfs-u1"
+                or (r["path"] is None and r["op"] in workspace_ops and r["errno"] is None)
                 or (r["path"] is not None and not (r["path"] + "/").startswith("/secret/")
                     and not (r["path2"] or "").startswith("/secret"))]
     assert [r["seq"] for r in seen if r["seq"] <= full[-1]["seq"]] == [r["seq"] for r in readable]
