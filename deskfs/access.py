@@ -105,7 +105,6 @@ class Access:
         self._uid_of_agent = uid_of_agent
         self._bind_agent = bind_agent
         self._roles: dict[str, int] = {}
-        self.on_change: Callable[[], None] = lambda: None
         if conn.execute("SELECT 1 FROM members WHERE role='owner'").fetchone() is None:
             # A store from before roles: its creator's Unix user owns it.
             from deskfs.identity import user_principal
@@ -137,9 +136,12 @@ class Access:
         kind, _, name = principal.partition(":")
         return self._uid_of_agent(name) if kind == "agent" else uid_of_user_principal(principal)
 
+    def own_agents(self) -> str:
+        """The role the owner's Unix user and its agents have without an invitation: editor, viewer or off."""
+        return self._setting(OWN_AGENTS) or "editor"
+
     def own_agents_role(self) -> int:
-        value = self._setting(OWN_AGENTS) or "editor"
-        return {"editor": EDITOR, "viewer": VIEWER}.get(value, NONE)
+        return {"editor": EDITOR, "viewer": VIEWER}.get(self.own_agents(), NONE)
 
     def owner(self) -> str:
         return self._conn.execute("SELECT principal FROM members WHERE role='owner'").fetchone()[0]
@@ -181,7 +183,6 @@ class Access:
 
     def _changed(self) -> None:
         self._roles.clear()
-        self.on_change()
 
     def invite(self, actor: Actor, principal: str, role: str, bound_to: str | None = None) -> None:
         """Make `principal` a member. For an agent, `bound_to` names the Unix user it runs as, when that is
@@ -322,6 +323,10 @@ class Access:
 
     def may_audit(self, principal: str) -> bool:
         return self.role(principal) == OWNER
+
+    def reader_filter(self, actor: Actor, conn: sqlite3.Connection) -> "ReadableFilter | None":
+        """What `actor` may see of the journal and of listings with paths: None (everything) for the owner."""
+        return None if self.may_audit(actor.principal) else ReadableFilter(conn, actor.principal, actor.uid)
 
 
 # Records about the workspace as a whole, which every member may see (when they were not refused).

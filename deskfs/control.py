@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from deskfs import journal
-from deskfs.access import VIEWER, ReadableFilter, Refused
+from deskfs.access import OWN_AGENTS, VIEWER, Refused
 from deskfs.fs import Operations
 from deskfs.journal import Actor, Query
 from deskfs.layout import db_path
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 SETTINGS = {
     journal.RETENTION: "a duration such as 30d, 12h or 90m, or forever",
-    "members.own_agents": "editor, viewer or off",
+    OWN_AGENTS: "editor, viewer or off",
 }
 
 
@@ -64,7 +64,7 @@ def check_setting(key: str, value: str) -> str:
         raise Refused(f"unknown setting {key!r} (known: {', '.join(SETTINGS)})", usage=True)
     if key == journal.RETENTION and (value == "forever" or journal.parse_duration(value)):
         return value
-    if key == "members.own_agents" and value in ("editor", "viewer", "off"):
+    if key == OWN_AGENTS and value in ("editor", "viewer", "off"):
         return value
     raise Refused(f"{key} must be {SETTINGS[key]}, not {value!r}", usage=True)
 
@@ -184,21 +184,20 @@ class Daemon:
         if self.ops.access.role(actor.principal) < VIEWER:
             raise Refused(f"{actor.principal} is not a member of this workspace")
 
-    def _visibility(self, actor: Actor) -> Callable[[sqlite3.Connection], Callable | None]:
-        if self.ops.access.may_audit(actor.principal):
-            return lambda conn: None
-        return lambda conn: ReadableFilter(conn, actor.principal, actor.uid)
+    async def _newest(self, q: Query, actor: Actor) -> list[dict]:
+        """The newest q.limit records `q` selects that `actor` may see, as JSON."""
+        return await in_worker(self.store.path, lambda conn: [
+            r.as_json() for r in journal.newest(conn, q, self.ops.access.reader_filter(actor, conn))])
 
     async def _send_matches(self, stream: trio.SocketStream, q: Query, actor: Actor) -> None:
         """Send what `q` selects and `actor` may see: the newest q.limit, or page by page every match."""
-        visibility = self._visibility(actor)
         if q.limit:
-            for record in await in_worker(self.store.path, lambda conn: [
-                    r.as_json() for r in journal.newest(conn, q, visibility(conn))]):
+            for record in await self._newest(q, actor):
                 await _send(stream, {"record": record})
             return
         while True:
-            found, cursor = await in_worker(self.store.path, lambda conn: _json_page(conn, q, visibility(conn)))
+            found, cursor = await in_worker(
+                self.store.path, lambda conn: _json_page(conn, q, self.ops.access.reader_filter(actor, conn)))
             for record in found:
                 await _send(stream, {"record": record})
             if cursor is None:
@@ -241,9 +240,7 @@ class Daemon:
 
         self.store.commit()
         files, size = await in_worker(self.store.path, lambda conn: Meta(conn).totals())
-        visibility = self._visibility(actor)
-        recent = await in_worker(self.store.path, lambda conn: [
-            r.as_json() for r in journal.newest(conn, Query(ops=list(journal.CHANGE_OPS), limit=10), visibility(conn))])
+        recent = await self._newest(Query(ops=list(journal.CHANGE_OPS), limit=10), actor)
         virtual = self.ops.virtual
         visible = virtual.visible_paths(actor) if virtual is not None else None
         locks = virtual.all_locks(visible) if virtual is not None else []
@@ -259,7 +256,7 @@ class Daemon:
                                                          "writing": 0, "paths": []})
             entry["handles"] += 1
             entry["writing"] += handle.changed
-            path = self.ops.handle_path(handle)
+            path = handle.where()
             if path and path not in entry["paths"] and len(entry["paths"]) < 5 and (visible is None or visible(path)):
                 entry["paths"].append(path)
         return sorted(active.values(), key=lambda e: e["principal"])
@@ -288,7 +285,7 @@ class Daemon:
         access = self.ops.access
         offer = access.offer()
         await _send(stream, {
-            "ok": True, "members": access.members(), "own_agents": self.ops.meta.setting("members.own_agents") or "editor",
+            "ok": True, "members": access.members(), "own_agents": access.own_agents(),
             "offer": None if offer is None else offer.__dict__ | {
                 "expires": journal.iso_time(offer.expires_ns)},
         })

@@ -69,6 +69,14 @@ def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
+# A path for the journal, or a function giving it, for callers that need it only when refusing.
+PathOrLater = str | None | Callable[[], str | None]
+
+
+def resolved(path: PathOrLater) -> str | None:
+    return path() if callable(path) else path
+
+
 def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise fail(errno.ENAMETOOLONG)
@@ -83,6 +91,7 @@ class Handle:
     flags: int
     actor: Actor
     path: str | None  # where it was opened: the journal's path once the file has no name left
+    where: Callable[[], str | None]  # where it is now (where it was opened, if it has no name left)
     changed: bool = False  # wrote or truncated: its release is a close_write when it is the last such
 
     @property
@@ -158,31 +167,25 @@ class Operations(pyfuse3.Operations):
     def _child_path(self, parent: int, name: bytes) -> str | None:
         return path_text(self.meta.child_path(parent, name))
 
-    def _require(self, actor: Actor, need: int, op: str, ino: int | None,
-                 path: str | None | Callable[[], str | None]) -> None:
+    def _require(self, actor: Actor, need: int, op: str, ino: int | None, path: PathOrLater) -> None:
         """EACCES, journaled, unless `actor`'s role in the workspace is at least `need`."""
         role = self.access.role(actor.principal)
         if role < need:
-            where = path() if callable(path) else path
-            self.journal.record(actor, op, ino, where, errno=errno.EACCES, role=ROLE_OF_RANK[role])
+            self.journal.record(actor, op, ino, resolved(path), errno=errno.EACCES, role=ROLE_OF_RANK[role])
             raise fail(errno.EACCES)
 
     def attribute_cached_inodes(self) -> list[int]:
         """The inodes whose attributes the kernel may hold (to invalidate when roles change)."""
         return list(self.lookups)
 
-    def _check_change(self, actor: Actor, op: str, path: str | None | Callable[[], str | None],
-                      *targets: int) -> None:
-        """EBUSY, journaled, if another principal's lock forbids `actor` to change `targets` now.
-
-        `path` may be a function, for callers that compute it only when it is needed.
-        """
+    def _check_change(self, actor: Actor, op: str, path: PathOrLater, *targets: int) -> None:
+        """EBUSY, journaled, if another principal's lock forbids `actor` to change `targets` now."""
         if self.locks is None:
             return
         holder = self.locks.blocker(targets, actor.principal)
         if holder is not None:
-            where = path() if callable(path) else path
-            self.journal.record(actor, op, targets[0], where, errno=errno.EBUSY, locked_by=holder.describe())
+            self.journal.record(actor, op, targets[0], resolved(path), errno=errno.EBUSY,
+                                locked_by=holder.describe())
             raise fail(errno.EBUSY)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -255,8 +258,8 @@ class Operations(pyfuse3.Operations):
         self.meta.changed(inode)
 
     def _make(self, op: str, parent: int, name: bytes, mode: int, rdev: int, actor: Actor, ctx: pyfuse3.RequestContext,
-              **details: object) -> Inode:
-        """A new inode named `name` in `parent`, journaled as `op` with `details`."""
+              **details: object) -> tuple[Inode, str | None]:
+        """A new inode named `name` in `parent`, journaled as `op` with `details`; and its path."""
         check_name(name)
         folder = self._inode(parent)
         if self.meta.lookup(parent, name) is not None:
@@ -277,7 +280,7 @@ class Operations(pyfuse3.Operations):
             folder.nlink += 1
         self._touch(folder, now)
         self.journal.record(actor, op, inode.id, path, mode=f"{stat.S_IMODE(mode):04o}", **details)
-        return inode
+        return inode, path
 
     def _drop_link(self, inode: Inode, now: int) -> None:
         inode.nlink = 0 if inode.is_dir else inode.nlink - 1
@@ -298,7 +301,8 @@ class Operations(pyfuse3.Operations):
         fd = self.content.acquire(inode.id)
         fh = self._next_fh
         self._next_fh += 1
-        handle = self.handles[fh] = Handle(inode, fd, flags, actor, path)
+        where = lambda: self.path_of(inode.id) or path  # noqa: E731
+        handle = self.handles[fh] = Handle(inode, fd, flags, actor, path, where)
         if truncated:
             self._mark_changed(handle)
         # A write-only handle bypasses the page cache: each write() is then one request instead of two
@@ -413,18 +417,19 @@ class Operations(pyfuse3.Operations):
         self, parent: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         actor = self._actor(ctx)
-        return self._counted(self._make("mknod", parent, name, mode, rdev, actor, ctx, device=rdev), parent)
+        inode, _ = self._make("mknod", parent, name, mode, rdev, actor, ctx, device=rdev)
+        return self._counted(inode, parent)
 
     @fuse_handler
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self._make("mkdir", parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, self._actor(ctx), ctx)
+        inode, _ = self._make("mkdir", parent, name, stat.S_IFDIR | stat.S_IMODE(mode), 0, self._actor(ctx), ctx)
         return self._counted(inode, parent)
 
     @fuse_handler
     def symlink(
         self, parent: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = self._make("symlink", parent, name, stat.S_IFLNK | 0o777, 0, self._actor(ctx), ctx,
+        inode, _ = self._make("symlink", parent, name, stat.S_IFLNK | 0o777, 0, self._actor(ctx), ctx,
                            target=target.decode("utf-8", "backslashreplace"))
         self.meta.set_symlink(inode.id, target)
         inode.size = len(target)
@@ -539,10 +544,6 @@ class Operations(pyfuse3.Operations):
             handle.changed = True
             self.changers[handle.inode.id] = self.changers.get(handle.inode.id, 0) + 1
 
-    def handle_path(self, handle: Handle) -> str | None:
-        """Where an open file is now; where it was opened if it has no name left."""
-        return self.path_of(handle.inode.id) or handle.path
-
     def _check_replaceable(self, moved: Inode, replaced: Inode) -> None:
         if moved.is_dir and not replaced.is_dir:
             raise fail(errno.ENOTDIR)
@@ -592,31 +593,31 @@ class Operations(pyfuse3.Operations):
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         actor = self._actor(ctx)
-        inode = self._make("create", parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, actor, ctx,
-                           **open_details(flags))
-        return self._new_handle(inode, flags, actor, self._child_path(parent, name)), self._counted(inode, parent)
+        inode, path = self._make("create", parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, actor, ctx,
+                                 **open_details(flags))
+        return self._new_handle(inode, flags, actor, path), self._counted(inode, parent)
 
     @fuse_handler
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
-        self._require(handle.actor, VIEWER, "read", handle.inode.id, lambda: self.handle_path(handle))
+        where = handle.where
+        self._require(handle.actor, VIEWER, "read", handle.inode.id, where)
         data = os.pread(handle.fd, size, offset)
-        self.journal.tally(fh, "read", handle.actor, handle.inode.id, lambda: self.handle_path(handle),
-                           offset, len(data))
+        self.journal.tally(fh, "read", handle.actor, handle.inode.id, where, offset, len(data))
         return data
 
     @fuse_handler
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         inode = handle.inode
-        self._require(handle.actor, EDITOR, "write", inode.id, lambda: self.handle_path(handle))
-        self._check_change(handle.actor, "write", lambda: self.handle_path(handle), inode.id)
+        self._require(handle.actor, EDITOR, "write", inode.id, handle.where)
+        self._check_change(handle.actor, "write", handle.where, inode.id)
         written = self.content.write(handle.fd, offset, data, inode.size)
         if offset + written > inode.size:
             inode.size = offset + written
         self._touch(inode, time.time_ns())
         self._mark_changed(handle)
-        self.journal.tally(fh, "write", handle.actor, inode.id, lambda: self.handle_path(handle), offset, written)
+        self.journal.tally(fh, "write", handle.actor, inode.id, handle.where, offset, written)
         return written
 
     @fuse_handler
@@ -633,7 +634,7 @@ class Operations(pyfuse3.Operations):
             self.changers[ino] -= 1
             if not self.changers[ino]:
                 del self.changers[ino]
-                self.journal.record(handle.actor, "close_write", ino, self.handle_path(handle),
+                self.journal.record(handle.actor, "close_write", ino, handle.where(),
                                     size=handle.inode.size)
         self.content.release(handle.inode.id)
         self._release_if_unreferenced(handle.inode.id)

@@ -17,7 +17,7 @@ import json
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from deskfs.access import EDITOR, OWNER, Access, ReadableFilter
+from deskfs.access import EDITOR, OWNER, Access
 from deskfs.identity import Identity
 from deskfs.journal import Actor, Journal
 from deskfs.locks import Holder, LeaseRequest, LockError, LockTable, iso
@@ -64,9 +64,8 @@ class VirtualXattrs:
 
     def visible_paths(self, actor: Actor) -> Callable[[str], bool] | None:
         """Which paths `actor` may see in a listing: all for the owner, else those its Unix user may read."""
-        if self.access.may_audit(actor.principal):
-            return None
-        return ReadableFilter(self.meta.conn, actor.principal, actor.uid).path_readable
+        readable = self.access.reader_filter(actor, self.meta.conn)
+        return None if readable is None else readable.path_readable
 
     def all_locks(self, visible: Callable[[str], bool] | None = None) -> list[dict]:
         """Every lock held, with its path (only paths `visible` lets through, if given)."""
