@@ -352,13 +352,62 @@ class ReadableFilter:
         except KeyError:
             self._gids = set()
         self._cache: dict[str, bool] = {}
+        self._inodes: dict[int, bool | None] = {}
+        self._reachable: dict[int, bool] = {}
 
     def __call__(self, record: Record) -> bool:
         if record.principal == self._principal:
             return True
         if record.path is None:
             return record.op in WORKSPACE_OPS and record.errno is None
+        if record.inode is not None and self.inode_readable(record.inode) is False:
+            return False  # judged by the file itself, wherever it is now, whatever its name's bytes
         return all(self.path_readable(p) for p in (record.path, record.path2) if p is not None)
+
+    def inode_readable(self, ino: int) -> bool | None:
+        """Whether the reader's Unix user may read file `ino` through one of its names now; None when
+        the file is gone (or has no name left), so that only its recorded path can tell."""
+        known = self._inodes.get(ino)
+        if known is None and ino not in self._inodes:
+            known = self._inodes[ino] = self._inode_readable(ino)
+        return known
+
+    def _inode_readable(self, ino: int) -> bool | None:
+        row = self._conn.execute("SELECT mode, uid, gid FROM inodes WHERE id=?", (ino,)).fetchone()
+        if row is None:
+            return None
+        if ino == ROOT_INODE:
+            return self._allows(*row, 4)
+        parents = [r[0] for r in self._conn.execute("SELECT DISTINCT parent FROM dentries WHERE inode=?", (ino,))]
+        if not parents:
+            return None
+        if not (stat.S_ISLNK(row[0]) or self._allows(*row, 4)):
+            return False
+        return any(self._folder_reachable(parent) for parent in parents)
+
+    def _folder_reachable(self, folder: int) -> bool:
+        """Whether the reader may pass through `folder` and every folder above it."""
+        chain = []
+        while True:
+            known = self._reachable.get(folder)
+            if known is not None:
+                break
+            row = self._conn.execute("SELECT mode, uid, gid FROM inodes WHERE id=?", (folder,)).fetchone()
+            if row is None or not self._allows(*row, 1):
+                known = False
+                break
+            chain.append(folder)
+            if folder == ROOT_INODE:
+                known = True
+                break
+            parent = self._conn.execute("SELECT parent FROM dentries WHERE inode=? LIMIT 1", (folder,)).fetchone()
+            if parent is None:
+                known = False
+                break
+            folder = parent[0]
+        for passed in chain:
+            self._reachable[passed] = known
+        return known
 
     def _allows(self, mode: int, uid: int, gid: int, bit: int) -> bool:
         if self._uid == 0:
@@ -384,6 +433,10 @@ class ReadableFilter:
                 return False
             row = self._conn.execute("SELECT inode FROM dentries WHERE parent=? AND name=?",
                                      (ino, name.encode("utf-8", "surrogateescape"))).fetchone()
+            if row is None and "\\" in name:
+                # Not valid UTF-8, the journal shows these bytes escaped (`\xff`): which name it was
+                # cannot be told from the text, so it stays hidden.
+                return False
             if row is None:  # gone: readable if its folder can be listed
                 return self._allows(mode, uid, gid, 4)
             ino = row[0]

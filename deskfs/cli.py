@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -22,6 +24,35 @@ from deskfs.errors import EXIT_REFUSED, EXIT_USAGE, DeskfsError
 from deskfs.layout import check_is_store, control_socket_path, daemon_pid, db_path, lock_path, log_path
 
 UNMOUNT_WAIT_SECONDS = 120
+
+
+# What a terminal acts on, or what breaks or reorders a line: C0 and C1 controls, DEL, the Unicode line
+# and paragraph separators, the bidirectional marks, embeddings, overrides and isolates; and lone
+# surrogates (bytes of a name that is not UTF-8, which print could not even encode).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as Python decodes names (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _shown(text: object) -> str:
+    """`text` safe for a human line: each control character as a visible escape (`\\n`, `\\x1b`, `\\u202e`),
+    so a name can neither forge a line nor send the terminal a command. `--json` prints names exactly."""
+    text = str(text)
+    return _UNSAFE.sub(_escaped, text) if _UNSAFE.search(text) else text
+
+
+def _say(*parts: object, **kwargs: Any) -> None:
+    """print() for every human line: what it shows goes through `_shown`."""
+    print(*(_shown(part) for part in parts), **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +90,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if owner.startswith("user:") and uid_of_user_principal(owner) is None:
         raise DeskfsError(f"there is no Unix user {owner[5:]!r} on this host to own the workspace", EXIT_USAGE)
     init_store(args.store, os.getuid(), os.getgid(), owner)
-    print(f"created a deskfs store at {os.path.abspath(args.store)}, owned by {owner}")
-    print(f"mount it with: deskfs mount {args.store} MOUNTPOINT")
+    _say(f"created a deskfs store at {os.path.abspath(args.store)}, owned by {owner}")
+    _say(f"mount it with: deskfs mount {args.store} MOUNTPOINT")
     return 0
 
 
@@ -83,9 +114,9 @@ def _mount_foreground(args: argparse.Namespace, store: str) -> int:
     def ready(repairs: list[str]) -> None:
         if ready_fd is None:
             for line in repairs:
-                print(f"deskfs: fsck repaired: {line}", file=sys.stderr)
-            print(f"deskfs: {store} mounted at {args.mountpoint} (Ctrl-C or deskfs unmount to stop)",
-                  file=sys.stderr)
+                _say(f"deskfs: fsck repaired: {line}", file=sys.stderr)
+            _say(f"deskfs: {store} mounted at {args.mountpoint} (Ctrl-C or deskfs unmount to stop)",
+                 file=sys.stderr)
             return
         with os.fdopen(ready_fd, "w") as channel:
             channel.write("ok\n" + "".join(f"{line}\n" for line in repairs))
@@ -124,9 +155,9 @@ def _mount_background(args: argparse.Namespace, store: str) -> int:
         _, code, message = status.split(" ", 2)
         raise DeskfsError(message, int(code))
     for line in details:
-        print(f"fsck repaired: {line}")
-    print(f"deskfs: {store} mounted at {os.path.abspath(args.mountpoint)}")
-    print(f"stop it with: deskfs unmount {args.mountpoint}")
+        _say(f"fsck repaired: {line}")
+    _say(f"deskfs: {store} mounted at {os.path.abspath(args.mountpoint)}")
+    _say(f"stop it with: deskfs unmount {args.mountpoint}")
     return 0
 
 
@@ -142,7 +173,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
         raise DeskfsError(f"cannot unmount {mount.mountpoint}: {reason} (is a file or folder in it still in use?)")
     _wait_for_daemon(mount.store, daemon)
-    print(f"deskfs: unmounted {mount.mountpoint}")
+    _say(f"deskfs: unmounted {mount.mountpoint}")
     return 0
 
 
@@ -205,9 +236,10 @@ def _workspace_summary(mount: mounts.Mount) -> dict[str, Any]:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
+    rows = [tuple(_shown(cell) for cell in row) for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        _say("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -225,21 +257,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_activity(summary: dict[str, Any]) -> None:
-    print(f"\n{summary['mountpoint']}:")
+    print()
+    _say(f"{summary['mountpoint']}:")
     if "error" in summary:
-        print(f"  {summary['error']}")
+        _say(f"  {summary['error']}")
         return
     print("  active now:" + ("" if summary["active"] else " nobody has a file open"))
     for a in summary["active"]:
         writing = f", {a['writing']} writing" if a["writing"] else ""
-        print(f"    {a['principal']}  {a['handles']} open{writing}  {', '.join(a['paths'])}")
+        _say(f"    {a['principal']}  {a['handles']} open{writing}  {', '.join(a['paths'])}")
     print("  locks:" + ("" if summary["locks"] else " none held"))
     for h in summary["locks"]:
-        print(f"    {h['path']}  {h['kind']} {h['mode']}  {h['principal']}  pid {h['pid']}  since {h['since']}")
+        _say(f"    {h['path']}  {h['kind']} {h['mode']}  {h['principal']}  pid {h['pid']}  since {h['since']}")
     print("  recent changes:" + ("" if summary["recent"] else " none"))
     today = time.strftime("%Y-%m-%d")
     for record in summary["recent"]:
-        print(f"    {_record_line(record, today)}")
+        _say(f"    {_record_line(record, today)}")
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -257,8 +290,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     finally:
         store.close(clean=True)
     for line in repairs:
-        print(f"repaired: {line}")
-    print(f"{path}: {'repaired' if repairs else 'clean, nothing to repair'}")
+        _say(f"repaired: {line}")
+    _say(f"{path}: {'repaired' if repairs else 'clean, nothing to repair'}")
     return 0
 
 
@@ -266,11 +299,42 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 LOCK_XATTR = "user.deskfs.lock"
 WAIT_POLL_MAX = 0.02  # seconds between tries of `deskfs lock --wait`
+WAIT_FOREVER = "forever"  # what `--wait` without a number becomes (see _wait_takes_no_path)
+LEASE_TTL_MAX = 24 * 3600  # seconds: what the daemon accepts (locks.MAX_TTL)
+MAX_LOG_LIMIT = 10**9  # records: what the daemon accepts (journal.Query.from_json)
+
+
+def _wait_seconds(text: str) -> float:
+    """`--wait SECONDS`: a finite number, 0 or more; `--wait` alone waits as long as it takes."""
+    if text == WAIT_FOREVER:
+        return math.inf
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"give a number of seconds, 0 or more, not {text!r}"
+                                         " (--wait alone waits as long as it takes)")
+    return seconds
+
+
+def _ttl_seconds(text: str) -> int:
+    try:
+        ttl = int(text)
+    except ValueError:
+        ttl = 0
+    if not 1 <= ttl <= LEASE_TTL_MAX:
+        raise argparse.ArgumentTypeError(f"give a whole number of seconds from 1 to {LEASE_TTL_MAX}, not {text!r}")
+    return ttl
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:
     mount = mounts.resolve_workspace(args.mount)
-    print(os.getxattr(mount.mountpoint, "user.deskfs.whoami").decode())
+    try:
+        principal = os.getxattr(mount.mountpoint, "user.deskfs.whoami").decode()
+    except PermissionError:  # a non-member may not read the root: the daemon still says who it is
+        principal = _ask(mount, {"op": "whoami"})["principal"]
+    _say(principal)
     return 0
 
 
@@ -317,14 +381,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise DeskfsError("no command given (deskfs run --agent NAME -- COMMAND ...)", EXIT_USAGE)
-    mount = mounts.resolve_workspace(args.mount)
-    with _connect(mount, {"op": "session", "agent": args.agent}) as control:
-        _ask_on(control, mount)
+    from deskfs.identity import is_agent_name
+
+    if not is_agent_name(args.agent):  # bad input, before asking any daemon
+        raise DeskfsError(f"invalid agent name {args.agent!r} (1-64 characters of A-Z a-z 0-9 . _ -)", EXIT_USAGE)
+    import secrets
+    from contextlib import ExitStack
+
+    # The token goes to every process the command starts, in its environment: a descendant whose parent
+    # exited (a server started with nohup) is still known as the agent. Only processes of this Unix user
+    # count by it (the daemon checks), and only while the session lasts.
+    token = secrets.token_hex(16)
+    request = {"op": "session", "agent": args.agent, "token": token}
+    with ExitStack() as sessions:  # each session lasts while its connection is open
+        if args.mount is not None or mounts.containing(os.getcwd()) is not None:
+            mount = mounts.resolve_workspace(args.mount)
+            control = sessions.enter_context(_connect(mount, request))
+            _ask_on(control, mount)
+        else:
+            _sessions_everywhere(request, sessions)
+        tokens = [t for t in os.environ.get("DESKFS_SESSION", "").split(",") if t] + [token]
         try:
-            returncode = subprocess.run(command).returncode
+            returncode = subprocess.run(command, env=os.environ | {"DESKFS_SESSION": ",".join(tokens)}).returncode
         except FileNotFoundError:
             raise DeskfsError(f"command not found: {command[0]}", 127) from None
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, as shells say
+
+
+SESSION_ANSWER_SECONDS = 10.0  # outside any mount, a daemon that has not answered by then is passed over
+
+
+def _sessions_everywhere(request: dict, sessions: Any) -> None:
+    """`deskfs run` outside any mount: a session with every mounted workspace whose daemon accepts one.
+
+    Those that cannot be reached (another user's folders, a daemon that is gone) or refuse are passed
+    over; a one-line error only when none accepted, naming the first refusal.
+    """
+    refusals: list[DeskfsError] = []
+    accepted = 0
+    for mount in mounts.mounted():
+        try:
+            control = sessions.enter_context(_connect(mount, request))
+            control.settimeout(SESSION_ANSWER_SECONDS)
+            _ask_on(control, mount)
+            control.settimeout(None)
+            accepted += 1
+        except DeskfsError as exc:
+            refusals.append(DeskfsError(f"{mount.mountpoint}: {exc}", exc.exit_code))
+        except OSError as exc:  # no answer in time
+            refusals.append(DeskfsError(f"{mount.mountpoint}: the daemon did not answer ({exc})"))
+    if accepted:
+        return
+    if not refusals:
+        raise DeskfsError("no deskfs workspace is mounted (mount one, or pass --mount PATH)", EXIT_USAGE)
+    more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+    usage = all(r.exit_code == EXIT_USAGE for r in refusals)
+    raise DeskfsError(f"no mounted workspace accepted the session: {refusals[0]}{more}",
+                      EXIT_USAGE if usage else EXIT_REFUSED)
 
 
 def _lock_holders(path: str) -> str:
@@ -392,7 +505,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
         return 0
     for h in held:
         expiry = f"  expires {h['expires']}" if h["expires"] else ""
-        print(f"{h['path']}  {h['kind']} {h['mode']}  {h['principal']}  pid {h['pid']}  since {h['since']}{expiry}")
+        _say(f"{h['path']}  {h['kind']} {h['mode']}  {h['principal']}  pid {h['pid']}  since {h['since']}{expiry}")
     return 0
 
 
@@ -432,7 +545,8 @@ def _record_line(record: dict, today: str | None = None) -> str:
     if record["denied"]:
         name = errorcode.get(record["errno"], str(record["errno"]))
         words = name + (f": {words}" if words else "")
-    return "  ".join(part for part in (stamp, record["principal"], verb, where) if part) + (f"  ({words})" if words else "")
+    line = "  ".join(part for part in (stamp, record["principal"], verb, where) if part)
+    return _shown(line + (f"  ({words})" if words else ""))
 
 
 
@@ -449,8 +563,9 @@ def _journal_query(args: argparse.Namespace, mount: mounts.Mount | None) -> dict
         if text is not None:
             moment = parse_time(text, now)
             if moment is None:
-                raise DeskfsError(f"cannot read --{name} {text!r}: give a duration ago (30s, 10m, 2h, 3d)"
-                                  " or a time (2026-11-25T12:00, 2026-11-25 12:00:00)", EXIT_USAGE)
+                raise DeskfsError(f"cannot read --{name} {text!r}: give a duration ago (30s, 10m, 2h,"
+                                  " 3d; at most 292 years) or a time from 1678 to 2262 (2026-11-25T12:00,"
+                                  " 2026-11-25 12:00:00)", EXIT_USAGE)
             query[f"{name}_ns"] = moment
     principals = [f"agent:{a}" for a in args.agent] + list(args.principal)
     try:
@@ -463,10 +578,14 @@ def _journal_query(args: argparse.Namespace, mount: mounts.Mount | None) -> dict
         raise DeskfsError(f"unknown operation {unknown[0]!r} (known: {', '.join(sorted(OPS))})", EXIT_USAGE)
     query["ops"] = ops
     query["denied"] = args.denied
-    if args.limit < 0:
-        raise DeskfsError("--limit must be 0 (everything) or more", EXIT_USAGE)
+    if not 0 <= args.limit <= MAX_LOG_LIMIT:
+        raise DeskfsError(f"--limit must be 0 (everything) or a number of records up to {MAX_LOG_LIMIT}",
+                          EXIT_USAGE)
     if args.path is not None:
-        query["path_glob"] = _workspace_glob(args.path, mount)
+        from deskfs.journal import journal_text
+
+        # The journal keeps names that are not UTF-8 with backslash escapes (`\xff`): so does the pattern.
+        query["path_glob"] = journal_text(_workspace_glob(args.path, mount))
     return query
 
 
@@ -546,13 +665,30 @@ def _verify(mount: mounts.Mount | None, store: str | None) -> int:
     if store is not None:
         from deskfs import journal
 
-        verdict = _read_store_directly(store, journal.verify).__dict__
+        try:
+            head = journal.load_head(store)  # before the database is read: it names no record it lacks
+        except PermissionError:
+            raise DeskfsError(f"cannot read the journal key of {store}: only the store's Unix owner can verify it"
+                              " while it is unmounted") from None
+        verdict = _read_store_directly(store, lambda conn: journal.verify(conn, head)).as_json()
     else:
         verdict = _ask(mount, {"op": "verify"})
     if verdict["broken_seq"] is not None:
         raise DeskfsError(f"journal verification FAILED after {verdict['checked']} good records: {verdict['reason']}")
-    print(f"journal verified: {verdict['checked']} records, hash chain intact")
+    _say(f"journal verified: {verdict['checked']} records, hash chain intact; {_head_words(verdict)}")
     return 0
+
+
+def _head_words(verdict: dict) -> str:
+    """What `--verify` says about the signed head it checked the chain against."""
+    head, note = verdict.get("head_seq"), verdict.get("head_note")
+    if head is None:
+        return f"no signed head ({note or 'the newest records are not vouched for'})"
+    newer = verdict.get("last_seq", head) - head
+    words = f"signed head: record {head}"
+    if newer > 0:
+        words += f" ({newer} newer record{'s' if newer != 1 else ''} not yet covered by it)"
+    return words + (f"; {note}" if note else "")
 
 
 # -- settings, members and ownership ----------------------------------------------------------
@@ -562,7 +698,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     mount = mounts.resolve_workspace(args.mount)
     request = {"op": "config", "key": args.key} | ({"value": args.value} if args.value is not None else {})
     answer = _ask(mount, request)
-    print(f"{answer['key']} = {answer['value'] if answer['value'] is not None else '(default)'}")
+    _say(f"{answer['key']} = {answer['value'] if answer['value'] is not None else '(default)'}")
     return 0
 
 
@@ -577,10 +713,10 @@ def cmd_members(args: argparse.Namespace) -> int:
     _print_table([("PRINCIPAL", "ROLE", "SINCE", "ADDED BY")] + [
         (m["principal"], m["role"], iso_time(m["since_ns"])[:19], m["added_by"]) for m in answer["members"]])
     if answer["own_agents"] != "off":
-        print(f"(the owner's Unix user and its agents are {answer['own_agents']}s unless listed otherwise)")
+        _say(f"(the owner's Unix user and its agents are {answer['own_agents']}s unless listed otherwise)")
     offer = answer["offer"]
     if offer is not None:
-        print(f"ownership offered to {offer['principal']} (then {offer['then_role']}), expires {offer['expires']}")
+        _say(f"ownership offered to {offer['principal']} (then {offer['then_role']}), expires {offer['expires']}")
     return 0
 
 
@@ -588,7 +724,7 @@ def _member_command(op: str, message: Callable[[argparse.Namespace, dict], str],
                     fields: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         answer = _ask(mounts.resolve_workspace(args.mount), {"op": op} | fields(args))
-        print(message(args, answer))
+        _say(message(args, answer))
         return 0
     return command
 
@@ -658,9 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("lock", cmd_lock, "take (or renew) a lease on a file or folder")
     sub.add_argument("path")
     sub.add_argument("--shared", action="store_true", help="a shared lease (default: exclusive)")
-    sub.add_argument("--ttl", type=int, default=300, metavar="SECONDS", help="expiry (default 300, at most 86400)")
-    sub.add_argument("--wait", type=float, nargs="?", const=float("inf"), metavar="SECONDS",
-                     help="wait until the lease can be taken (for at most SECONDS)")
+    sub.add_argument("--ttl", type=_ttl_seconds, default=300, metavar="SECONDS",
+                     help=f"expiry (default 300, at most {LEASE_TTL_MAX})")
+    sub.add_argument("--wait", type=_wait_seconds, nargs="?", const=math.inf, metavar="SECONDS",
+                     help="wait until the lease can be taken: for at most SECONDS, or without SECONDS as long as"
+                          " it takes")
     sub.add_argument("--renew", action="store_true", help="renew a lease this principal already holds")
 
     sub = command("unlock", cmd_unlock, "release your lease (--force: break every lease; owner only)")
@@ -727,7 +865,7 @@ def _wait_takes_no_path(argv: list[str]) -> list[str]:
             try:
                 float(fixed[i + 1])
             except ValueError:
-                fixed[i] = "--wait=inf"
+                fixed[i] = f"--wait={WAIT_FOREVER}"
     return fixed
 
 
@@ -736,10 +874,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(_wait_takes_no_path(sys.argv[1:] if argv is None else argv))
         return args.handler(args)
     except DeskfsError as exc:
-        print(f"deskfs: {exc}", file=sys.stderr)
+        _say(f"deskfs: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"deskfs: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
+        _say(f"deskfs: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
         return EXIT_REFUSED

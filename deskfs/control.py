@@ -22,6 +22,7 @@ connection.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import trio
 from deskfs import journal
 from deskfs.access import OWN_AGENTS, VIEWER, Refused
 from deskfs.fs import Operations
+from deskfs.identity import LookupFailed
 from deskfs.journal import Actor, Query
 from deskfs.layout import db_path
 from deskfs.store.meta import connect_read_only
@@ -45,6 +47,14 @@ from deskfs.store.meta import connect_read_only
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
+MAX_NESTING = 4  # a request is an object of scalars, lists of scalars, and the log's query object
+REQUEST_TIMEOUT_SECONDS = 10.0  # to send the request line after connecting
+ACCEPT_RETRY_SECONDS = 0.1
+MAX_CONNECTIONS = 1024  # in all: far below the daemon's descriptor limit, so the mount keeps its own
+MAX_CONNECTIONS_PER_UID = 128  # one Unix user cannot crowd out the others
+# Requests anyone may make: registering a session names only the caller itself. Everything else is for
+# members, and a non-member learns nothing about the workspace from the refusal.
+OPEN_TO_ALL = frozenset({"session", "whoami"})
 SETTINGS = {
     journal.RETENTION: "a duration such as 30d, 12h or 90m, or forever",
     OWN_AGENTS: "editor, viewer or off",
@@ -56,6 +66,61 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+class Admission:
+    """Counts open connections per peer uid, and refuses those over the limits (root only counts in all)."""
+
+    def __init__(self, total: int = MAX_CONNECTIONS, per_uid: int = MAX_CONNECTIONS_PER_UID) -> None:
+        self.total, self.per_uid = total, per_uid
+        self.open: dict[int, int] = {}
+
+    def admit(self, uid: int) -> bool:
+        mine = self.open.get(uid, 0)
+        if sum(self.open.values()) >= self.total or (uid != 0 and mine >= self.per_uid):
+            return False
+        self.open[uid] = mine + 1
+        return True
+
+    def leave(self, uid: int) -> None:
+        left = self.open[uid] - 1
+        if left:
+            self.open[uid] = left
+        else:
+            del self.open[uid]
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def parse_request(line: bytes) -> dict:
+    """The request object in one line, or Refused (usage) for anything that is not one."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+        raise Refused("malformed request (one JSON object per line)", usage=True) from None
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        raise Refused("malformed request (a JSON object with an \"op\" string)", usage=True)
+    if _depth(request) > MAX_NESTING:
+        raise Refused("malformed request (nested too deeply)", usage=True)
+    return request
+
+
+def text_field(request: dict, key: str, default: str | None = None) -> str:
+    """A string field of a request; Refused (usage) if it is missing without a default, or not a string."""
+    value = request.get(key, default)
+    if not isinstance(value, str):
+        raise Refused(f"request field {key!r} must be a string", usage=True)
+    return value
+
+
+def optional_text_field(request: dict, key: str) -> str | None:
+    return None if request.get(key) is None else text_field(request, key)
 
 
 def check_setting(key: str, value: str) -> str:
@@ -111,6 +176,7 @@ class Daemon:
         self.ops = operations
         self.store = operations.store
         self.feed = feed
+        self.admission = Admission()
 
     async def serve(self, path: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if os.path.exists(path):
@@ -120,26 +186,68 @@ class Daemon:
         os.chmod(path, 0o666)
         sock.listen(64)
         task_status.started()
-        await trio.serve_listeners(self._client, [trio.SocketListener(sock)])
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as clients:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of descriptors (EMFILE, ENFILE) or memory: wait for some to be freed. The
+                    # connection limits keep this far from the descriptor limit, so the mount keeps its own.
+                    log.warning("control socket: cannot accept a connection: %s", exc)
+                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    continue
+                clients.start_soon(self._guarded_client, stream)
 
-    async def _client(self, stream: trio.SocketStream) -> None:
-        async with stream:
+    async def _guarded_client(self, stream: trio.SocketStream) -> None:
+        """One client, from accept to close. Nothing a client sends or causes may end the daemon: every
+        exception stops here, is logged, and closes only this connection."""
+        try:
             pid, uid, _ = peer_credentials(stream.socket)
-            line = await _read_line(stream)
+        except OSError:
+            await stream.aclose()
+            return
+        if not self.admission.admit(uid):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await _send(stream, {"error": "too many connections to this workspace's daemon from your Unix"
+                                              " user; close some and try again", "usage": False})
+            await stream.aclose()
+            return
+        try:
+            await self._client(stream, pid, uid)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("internal error in a control connection (uid %d)", uid)
+        finally:
+            self.admission.leave(uid)
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _client(self, stream: trio.SocketStream, pid: int, uid: int) -> None:
+        async with stream:
+            line = None
+            with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):  # an idle connection holds nothing for long
+                line = await _read_line(stream)
             if line is None:
                 return
-            try:
-                request = json.loads(line)
-                op = str(request.get("op"))
-            except (ValueError, AttributeError):
-                await _send(stream, {"error": "malformed request", "usage": True})
+            if len(line) > MAX_REQUEST:
+                await _send(stream, {"error": f"request longer than {MAX_REQUEST} bytes", "usage": True})
                 return
+            try:
+                request = parse_request(line)
+            except Refused as exc:
+                await _send(stream, {"error": str(exc), "usage": True})
+                return
+            op = request["op"]
             handler = self.HANDLERS.get(op)
             if handler is None:
                 await _send(stream, {"error": f"unknown request {op!r}", "usage": True})
                 return
-            actor = Actor(self.ops.identity.principal(pid, uid), uid, pid)
             try:
+                actor = Actor(self.ops.identity.principal(pid, uid), uid, pid)
+                if op not in OPEN_TO_ALL:
+                    self._member(actor, op)
                 await handler(self, stream, actor, request)
                 return
             except Refused as exc:
@@ -147,19 +255,25 @@ class Daemon:
                 answer = {"error": str(exc), "usage": exc.usage}
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            except LookupFailed as exc:
+                log.error("control request %r from uid %d: %s", op, uid, exc)
+                answer = {"error": f"the daemon cannot tell who you are right now ({exc}); try again",
+                          "usage": False}
             except Exception as exc:
                 # One request failed; the daemon, and the mount with it, must go on.
                 log.exception("internal error in control request %r", op)
-                answer = {"error": f"the daemon could not answer: {exc}", "usage": False}
+                answer = {"error": f"the daemon could not answer ({type(exc).__name__}); see its log",
+                          "usage": False}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await _send(stream, answer)
 
     # -- sessions -----------------------------------------------------------------------------
 
     async def session(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        agent = str(request.get("agent", ""))
+        agent = text_field(request, "agent", "")
         try:
-            session = self.ops.identity.open_session(actor.pid, actor.uid, agent)
+            session = self.ops.identity.open_session(actor.pid, actor.uid, agent,
+                                                     optional_text_field(request, "token"))
         except (ValueError, PermissionError, ProcessLookupError) as exc:
             self.store.commit()
             raise Refused(str(exc)) from None
@@ -178,10 +292,17 @@ class Daemon:
                                         reason="session ended")
             self.ops.journal.record(me, "session_end", session=session.id)
 
+    async def whoami(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
+        await _send(stream, {"ok": True, "principal": actor.principal})
+
     # -- the journal --------------------------------------------------------------------------
 
-    def _member(self, actor: Actor) -> None:
+    def _member(self, actor: Actor, op: str) -> None:
+        """Refused, journaled, unless `actor` is a member: the same sentence for every request."""
         if self.ops.access.role(actor.principal) < VIEWER:
+            name = op.replace("-", "_")
+            self.ops.journal.record(actor, name if name in journal.OPS else "control", errno=errno.EPERM,
+                                    **({} if name in journal.OPS else {"request": op}))
             raise Refused(f"{actor.principal} is not a member of this workspace")
 
     async def _newest(self, q: Query, actor: Actor) -> list[dict]:
@@ -205,11 +326,12 @@ class Daemon:
             q.after_seq = cursor
 
     async def log(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self._member(actor)
         try:
             q = Query.from_json(request.get("query") or {})
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise Refused(f"malformed query: {exc}", usage=True) from None
+        if not isinstance(request.get("follow", False), bool):
+            raise Refused("request field 'follow' must be true or false", usage=True)
         self.store.commit()  # what happened until now is in the answer
         q.upto_seq = self.ops.journal.committed_seq
         await self._send_matches(stream, q, actor)
@@ -230,12 +352,11 @@ class Daemon:
         if not self.ops.access.may_audit(actor.principal):
             raise Refused("only the owner of this workspace may verify the whole journal")
         self.store.commit()
-        verdict = await in_worker(self.store.path, journal.verify)
-        await _send(stream, {"ok": True, "checked": verdict.checked, "broken_seq": verdict.broken_seq,
-                             "reason": verdict.reason})
+        head = self.store.head_state()  # before the worker's snapshot, which then holds all it names
+        verdict = await in_worker(self.store.path, partial(journal.verify, head=head))
+        await _send(stream, {"ok": True} | verdict.as_json())
 
     async def status(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self._member(actor)
         from deskfs.store.meta import Meta
 
         self.store.commit()
@@ -264,15 +385,14 @@ class Daemon:
     # -- settings and members -----------------------------------------------------------------
 
     async def config(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self._member(actor)
-        key, value = str(request.get("key", "")), request.get("value")
+        key, value = text_field(request, "key", ""), optional_text_field(request, "value")
         if value is None:
             if key not in SETTINGS:
                 check_setting(key, "")
             current = self.ops.meta.setting(key)
             await _send(stream, {"ok": True, "key": key, "value": current})
             return
-        value = check_setting(key, str(value))
+        value = check_setting(key, value)
         self.ops.access.configure(actor, key, value)
         await self._changed()
         if key == journal.RETENTION:
@@ -281,7 +401,6 @@ class Daemon:
         await _send(stream, {"ok": True, "key": key, "value": value})
 
     async def members(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self._member(actor)
         access = self.ops.access
         offer = access.offer()
         await _send(stream, {
@@ -291,19 +410,18 @@ class Daemon:
         })
 
     async def invite(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        bound_to = request.get("bound_to")
-        self.ops.access.invite(actor, str(request.get("principal", "")), str(request.get("role", "")),
-                               None if bound_to is None else str(bound_to))
+        self.ops.access.invite(actor, text_field(request, "principal", ""), text_field(request, "role", ""),
+                               optional_text_field(request, "bound_to"))
         await self._changed()
         await _send(stream, {"ok": True})
 
     async def role(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self.ops.access.change_role(actor, str(request.get("principal", "")), str(request.get("role", "")))
+        self.ops.access.change_role(actor, text_field(request, "principal", ""), text_field(request, "role", ""))
         await self._changed()
         await _send(stream, {"ok": True})
 
     async def remove(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        self.ops.access.remove(actor, str(request.get("principal", "")))
+        self.ops.access.remove(actor, text_field(request, "principal", ""))
         await self._changed()
         await _send(stream, {"ok": True})
 
@@ -313,7 +431,7 @@ class Daemon:
         await _send(stream, {"ok": True, "principal": actor.principal})
 
     async def transfer(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
-        offer = self.ops.access.transfer(actor, str(request.get("principal", "")), str(request.get("then", "editor")))
+        offer = self.ops.access.transfer(actor, text_field(request, "principal", ""), text_field(request, "then", "editor"))
         await self._changed()
         await _send(stream, {"ok": True, "expires": journal.iso_time(offer.expires_ns)})
 
@@ -332,9 +450,11 @@ class Daemon:
         self.store.sync()
         inodes = self.ops.attribute_cached_inodes()
         await trio.to_thread.run_sync(_invalidate_attributes, inodes)
+        for ino in self.ops.lost_readers():
+            await trio.to_thread.run_sync(invalidate_pages, ino)
 
     HANDLERS: dict[str, Callable[["Daemon", trio.SocketStream, Actor, dict], Awaitable[None]]] = {
-        "session": session, "log": log, "verify": verify, "status": status, "config": config,
+        "session": session, "whoami": whoami, "log": log, "verify": verify, "status": status, "config": config,
         "members": members, "invite": invite, "role": role, "remove": remove, "leave": leave,
         "transfer": transfer, "accept-transfer": accept_transfer, "cancel-transfer": cancel_transfer,
     }
@@ -354,6 +474,14 @@ def _invalidate_attributes(inodes: list[int]) -> None:
             pass  # the kernel had already forgotten it
 
 
+def invalidate_pages(ino: int) -> None:
+    """Drop the kernel's cached pages (and mappings of them) of a file: the next access asks the daemon."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError:
+        pass  # the kernel had already forgotten it
+
+
 async def _cancel_when_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
     try:
         while await stream.receive_some(4096):
@@ -371,7 +499,7 @@ async def _read_line(stream: trio.SocketStream) -> bytes | None:
             return None
         data += chunk
         if len(data) > MAX_REQUEST:
-            return None
+            return data  # longer than any request: refused by the caller
     return data.split(b"\n", 1)[0]
 
 

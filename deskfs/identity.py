@@ -29,15 +29,19 @@ from deskfs.store.meta import Meta
 log = logging.getLogger(__name__)
 
 AGENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-ENV_PREFIX = b"DESKFS_AGENT="
-# A pid can only be reused after its process died and the kernel cycled through every other pid; within
-# this window we trust the cache without re-reading the process's start time.
-REVALIDATE_SECONDS = 1.0
+SESSION_TOKEN = re.compile(r"[0-9a-f]{32}\Z")
+ENV_AGENT = b"DESKFS_AGENT="
+ENV_SESSION = b"DESKFS_SESSION="  # `deskfs run` sessions' tokens, comma-separated (one per workspace)
 MAX_ANCESTRY = 128
+STAT_FDS_MAX = 1024  # kept-open /proc/PID/stat descriptors (one per process seen recently)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (name TEXT PRIMARY KEY, uid INTEGER NOT NULL, bound_ns INTEGER NOT NULL);
 """
+
+
+class LookupFailed(Exception):
+    """The user database could not be read (e.g. out of descriptors): who the caller is is unknown now."""
 
 
 def bind_agent(conn: sqlite3.Connection, name: str, uid: int) -> None:
@@ -49,11 +53,38 @@ def is_agent_name(name: str) -> bool:
     return AGENT_NAME.match(name) is not None
 
 
+_user_names: dict[int, str] = {}
+
+
 def user_principal(uid: int) -> str:
+    """`user:NAME` for a uid, or `user:UID` for a uid the user database does not know.
+
+    Names are looked up once per uid. A lookup that fails while the uid is listed in /etc/passwd (the
+    process ran out of descriptors, NSS failed) raises LookupFailed: a failure must never turn somebody
+    into a different principal.
+    """
+    known = _user_names.get(uid)
+    if known is None:
+        try:
+            known = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            if _listed_in_passwd_file(uid):
+                raise LookupFailed(f"cannot look up Unix user {uid} now") from None
+            return f"user:{uid}"
+        _user_names[uid] = known
+    return f"user:{known}"
+
+
+def _listed_in_passwd_file(uid: int) -> bool:
     try:
-        return f"user:{pwd.getpwuid(uid).pw_name}"
-    except KeyError:
-        return f"user:{uid}"
+        with open("/etc/passwd", "rb") as f:
+            return any(line.split(b":")[2:3] == [str(uid).encode()] for line in f)
+    except OSError:
+        return True  # cannot tell: assume the lookup failed, not that the user does not exist
+
+
+def _stat_fields(data: bytes) -> list[bytes]:
+    return data.rsplit(b")", 1)[1].split()
 
 
 def process_stat(pid: int) -> tuple[int, int] | None:
@@ -63,7 +94,7 @@ def process_stat(pid: int) -> tuple[int, int] | None:
             data = f.read()
     except OSError:
         return None
-    fields = data.rsplit(b")", 1)[1].split()
+    fields = _stat_fields(data)
     return int(fields[19]), int(fields[1])
 
 
@@ -74,28 +105,97 @@ def process_uid(pid: int) -> int | None:
         return None
 
 
-def claimed_agent(pid: int) -> str | None:
-    """The DESKFS_AGENT a process has in its environment (as it was at exec), if any."""
+def process_environment(pid: int) -> dict[bytes, bytes]:
+    """DESKFS_AGENT and DESKFS_SESSION of a process (as they were at its exec), where it has them."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read()
     except OSError:
-        return None
+        return {}
+    found = {}
     for entry in environ.split(b"\0"):
-        if entry.startswith(ENV_PREFIX):
-            return entry[len(ENV_PREFIX):].decode("utf-8", "replace")
-    return None
+        for prefix in (ENV_AGENT, ENV_SESSION):
+            if entry.startswith(prefix):
+                found[prefix] = entry[len(prefix):]
+    return found
+
+
+def claimed_agent(pid: int) -> str | None:
+    """The DESKFS_AGENT a process has in its environment (as it was at exec), if any."""
+    value = process_environment(pid).get(ENV_AGENT)
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def ids_differ(pid: int) -> bool:
+    """Whether a process runs with real and effective ids that differ (set-user-ID or set-group-ID): its
+    environment was chosen by whoever started it, not by the user it runs as. True if it cannot be told."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith((b"Uid:", b"Gid:")):
+            real, effective = line.split()[1:3]
+            if real != effective:
+                return True
+    return False
+
+
+class StatWatch:
+    """Tells cheaply whether a pid is still the same program it was: same process (start time) and no exec
+    since (exec lays out a new stack, so the addresses of the arguments and environment change).
+
+    Keeps /proc/PID/stat open per pid: re-reading it costs one pread, about 3 us.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def signature(self, pid: int) -> tuple[bytes, bytes, bytes] | None:
+        fd = self._fds.get(pid)
+        if fd is not None:
+            try:
+                return self._read(fd)
+            except (OSError, IndexError):
+                self._close(pid)  # the task is gone (ESRCH): the pid may be somebody else's by now
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        if len(self._fds) >= STAT_FDS_MAX:
+            self._close(next(iter(self._fds)))
+        self._fds[pid] = fd
+        try:
+            return self._read(fd)
+        except (OSError, IndexError):
+            self._close(pid)
+            return None
+
+    @staticmethod
+    def _read(fd: int) -> tuple[bytes, bytes, bytes]:
+        fields = _stat_fields(os.pread(fd, 4096, 0))
+        return fields[19], fields[45], fields[48]  # start time, arg_start, env_end
+
+    def _close(self, pid: int) -> None:
+        os.close(self._fds.pop(pid))
+
+    def forget(self, pid: int) -> None:
+        if pid in self._fds:
+            self._close(pid)
 
 
 @dataclass(frozen=True)
 class Session:
-    """A `deskfs run --agent NAME` process tree, identified by its root process."""
+    """A `deskfs run --agent NAME` process tree, identified by its root process, and by its token in the
+    environment of everything started inside it (so that orphaned descendants stay in it)."""
 
     id: int
     pid: int
     start: int
     agent: str
     uid: int
+    token: str | None = None
 
 
 class Identity:
@@ -106,8 +206,10 @@ class Identity:
         self._meta = meta
         self._bindings: dict[str, int] = dict(meta.conn.execute("SELECT name, uid FROM agents"))
         self._on_denied = on_denied
-        self._cache: dict[int, tuple[str, int, int, float]] = {}  # pid -> principal, uid, start, checked
+        self._cache: dict[int, tuple[str, int, tuple]] = {}  # pid -> principal, uid, StatWatch signature
+        self._watch = StatWatch()
         self.sessions: dict[int, Session] = {}  # by root pid
+        self._tokens: dict[tuple[int, str], Session] = {}  # by (registering uid, token)
         self._next_session = 1
 
     # -- bindings -----------------------------------------------------------------------------
@@ -128,29 +230,40 @@ class Identity:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def open_session(self, pid: int, uid: int, agent: str) -> Session:
+    def open_session(self, pid: int, uid: int, agent: str, token: str | None = None) -> Session:
         if not is_agent_name(agent):
             raise ValueError(f"invalid agent name {agent!r} (1-64 characters of A-Z a-z 0-9 . _ -)")
+        if token is not None and not SESSION_TOKEN.match(token):
+            raise ValueError("a session token is 32 lowercase hexadecimal digits")
+        if token is not None and (uid, token) in self._tokens:
+            raise ValueError("that session token is already in use")
         if not self.may_use_agent(agent, uid):
             self._on_denied(pid, uid, agent, "deskfs run")
             raise PermissionError(f"agent:{agent} belongs to another Unix user")
         found = process_stat(pid)
         if found is None:
             raise ProcessLookupError(pid)
-        session = Session(self._next_session, pid, found[0], agent, uid)
+        session = Session(self._next_session, pid, found[0], agent, uid, token)
         self._next_session += 1
         self.sessions[pid] = session
+        if token is not None:
+            self._tokens[(uid, token)] = session
         self._cache.clear()
         return session
 
     def close_session(self, session: Session) -> None:
         self.sessions.pop(session.pid, None)
+        self._tokens.pop((session.uid, session.token), None)
         self._cache.clear()
 
     def session_of(self, pid: int, uid: int) -> Session | None:
-        """The session covering `pid` (itself or an ancestor), registered by the same uid."""
+        """The session covering `pid`: itself or an ancestor, or by the token in its environment;
+        registered by the same uid."""
         if not self.sessions:
             return None
+        return self._session_by_ancestry(pid, uid) or self._session_by_token(pid, uid)
+
+    def _session_by_ancestry(self, pid: int, uid: int) -> Session | None:
         for _ in range(MAX_ANCESTRY):
             found = process_stat(pid)
             if found is None:
@@ -164,21 +277,30 @@ class Identity:
             pid = parent
         return None
 
+    def _session_by_token(self, pid: int, uid: int) -> Session | None:
+        if not self._tokens:
+            return None
+        tokens = process_environment(pid).get(ENV_SESSION, b"")
+        for token in tokens.decode("ascii", "replace").split(","):
+            session = self._tokens.get((uid, token))  # another uid's token names no session of this uid
+            if session is not None:
+                return session
+        return None
+
     # -- resolution ---------------------------------------------------------------------------
 
     def principal(self, pid: int, uid: int) -> str:
+        """The principal of `pid` acting with (fs)uid `uid`. Re-resolved whenever the process is not the
+        program it was when last resolved (it exec-ed, or the pid is another process's now)."""
+        signature = self._watch.signature(pid)
         hit = self._cache.get(pid)
-        now = time.monotonic()
-        if hit is not None and hit[1] == uid and now - hit[3] < REVALIDATE_SECONDS:
-            return hit[0]
-        found = process_stat(pid)
-        start = found[0] if found else -1
-        if hit is not None and hit[1] == uid and hit[2] == start:
-            self._cache[pid] = (hit[0], uid, start, now)
+        if hit is not None and hit[1] == uid and hit[2] == signature and signature is not None:
             return hit[0]
         principal = self._resolve(pid, uid)
-        if found is not None:
-            self._cache[pid] = (principal, uid, start, now)
+        if signature is not None:
+            self._cache[pid] = (principal, uid, signature)
+            if len(self._cache) > STAT_FDS_MAX:
+                self._cache.pop(next(iter(self._cache)))
         return principal
 
     def principal_of_pid(self, pid: int) -> str:
@@ -187,11 +309,15 @@ class Identity:
         return "unknown" if uid is None else self.principal(pid, uid)
 
     def _resolve(self, pid: int, uid: int) -> str:
-        session = self.session_of(pid, uid)
-        if session is not None:
-            return f"agent:{session.agent}"
+        if self.sessions and not ids_differ(pid):
+            session = self.session_of(pid, uid)
+            if session is not None:
+                return f"agent:{session.agent}"
         claim = claimed_agent(pid)
         if claim is None:
+            return user_principal(uid)
+        if ids_differ(pid):
+            # A set-user-ID program: its environment is its invoker's word, not its user's.
             return user_principal(uid)
         if not is_agent_name(claim):
             log.warning("pid %d (uid %d): ignoring invalid DESKFS_AGENT %r", pid, uid, claim)
@@ -203,3 +329,4 @@ class Identity:
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
+        self._watch.forget(pid)

@@ -30,6 +30,16 @@ def control_socket_path(store_path: str) -> str:
     return os.path.join(store_path, "run", "ctl.sock")
 
 
+def journal_key_path(store_path: str) -> str:
+    """The key that signs the journal's head (docs/journal.md): outside the database, its owner's only."""
+    return os.path.join(store_path, "journal.key")
+
+
+def journal_head_path(store_path: str) -> str:
+    """The journal's signed head: the newest committed record's seq and hash, signed with the key."""
+    return os.path.join(store_path, "journal.head")
+
+
 def check_is_store(store_path: str) -> None:
     if not os.path.isdir(store_path):
         raise DeskfsError(f"no deskfs store at {store_path} (create one with: deskfs init {store_path})")

@@ -24,7 +24,7 @@ EXCLUSIVE = "exclusive"
 SHARED = "shared"
 DEFAULT_TTL = 300
 MAX_TTL = 24 * 3600
-UNKNOWN = "unknown"  # a holder that could not be named (it vanished): not enforced against anyone
+UNKNOWN = "unknown"  # a holder that could not be established: binds everyone, exempts no one
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -94,31 +94,37 @@ def conflicts(mode: str, holder: Holder) -> bool:
     return mode == EXCLUSIVE or holder.mode == EXCLUSIVE
 
 
-def find_ofd_holder(lock: bytes) -> int:
-    """The lowest pid with an open file that holds this OFD lock (`OFDLCK ADVISORY WRITE -1 DEV:INO 0 EOF`).
+def _normalized(lock_text: bytes) -> bytes:
+    return b" ".join(lock_text.split())
 
-    Scans every process's fdinfo, so it runs once per new OFD lock, not per check. When several processes
-    share the open file description, the lowest pid (usually the one that opened it) is named; -1 if the
-    holder is gone.
-    """
-    wanted = b" ".join(lock.split())
-    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+
+def fdinfo_holds(pid: int, wanted: bytes) -> bool:
+    """Whether process `pid` has an open file whose fdinfo lists the lock `wanted` (normalized)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return False
+    for fd in fds:
         try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                info = f.read()
         except OSError:
             continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-                    info = f.read()
-            except OSError:
-                continue
-            if b"OFDLCK" in info and any(
-                b" ".join(line.split(b":", 2)[-1].split()) == wanted
-                for line in info.splitlines() if line.startswith(b"lock:")
-            ):
-                return pid
-    return -1
+        if b"lock:" in info and any(_normalized(line.split(b":", 2)[-1]) == wanted
+                                    for line in info.splitlines() if line.startswith(b"lock:")):
+            return True
+    return False
+
+
+def processes_holding(wanted: bytes) -> list[int]:
+    """Every process with an open file description that holds the lock `wanted` (normalized text after
+    the ordinal, e.g. `FLOCK ADVISORY WRITE 1234 00:2d:5 0 EOF`), lowest pid first.
+
+    flock and OFD locks belong to an open file description, not to a process: every process that has it
+    open (by inheritance, or passed over a socket) holds the lock, and /proc/PID/fdinfo lists it there.
+    Scans every process, so it runs once per new lock that needs it, never per check.
+    """
+    return [pid for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) if fdinfo_holds(pid, wanted)]
 
 
 class KernelLocks:
@@ -129,7 +135,7 @@ class KernelLocks:
         self._principal_of_pid = principal_of_pid
         self._fd = os.open("/proc/locks", os.O_RDONLY | os.O_CLOEXEC)
         self._first_seen: dict[tuple, int] = {}
-        self._ofd_holders: dict[tuple, int] = {}
+        self._attributed: dict[tuple, tuple[str, int]] = {}  # lock -> (principal, pid), fixed at first sight
         self._last_text = b""
         self._last: dict[int, list[Holder]] = {}
 
@@ -145,6 +151,7 @@ class KernelLocks:
         text = self._read()
         if self._token not in text:
             self._first_seen.clear()
+            self._attributed.clear()
             self._last_text, self._last = b"", {}
             return {}
         if text == self._last_text:
@@ -161,20 +168,39 @@ class KernelLocks:
             whole = kind == "FLOCK" or (fields[6] == b"0" and fields[7] == b"EOF")
             key = (kind, pid, inode, fields[6], fields[7], mode)
             since = seen[key] = self._first_seen.get(key, now)
-            if pid <= 0:  # an OFD lock: /proc/locks names no process, /proc/PID/fdinfo does
-                pid = self._ofd_holders.get(key) or find_ofd_holder(line.split(b":", 1)[1].strip())
-                self._ofd_holders[key] = pid
-            principal = UNKNOWN if pid <= 0 else self._principal_of_pid(pid)
+            attributed = self._attributed.get(key)
+            if attributed is None:
+                attributed = self._attributed[key] = self._attribute(kind, pid, line.split(b":", 1)[1])
+            principal, holder_pid = attributed
             holder = Holder(
                 {"FLOCK": "flock", "POSIX": "posix"}.get(kind, "ofd"),
                 EXCLUSIVE if mode == b"WRITE" else SHARED,
-                principal, pid, since, None, whole,
+                principal, holder_pid, since, None, whole,
             )
             by_inode.setdefault(inode, []).append(holder)
         self._first_seen = seen
-        self._ofd_holders = {key: pid for key, pid in self._ofd_holders.items() if key in seen}
+        self._attributed = {key: who for key, who in self._attributed.items() if key in seen}
         self._last_text, self._last = text, by_inode
         return by_inode
+
+    def _attribute(self, kind: str, pid: int, lock_text: bytes) -> tuple[str, int]:
+        """(principal, pid) of whoever holds a lock, decided once, when the lock is first seen.
+
+        A POSIX lock belongs to the process /proc/locks names, which holds it until it exits. A flock or
+        OFD lock belongs to an open file description: /proc/locks names the process that took it (or -1),
+        which may have exited while a child keeps the descriptor (`(flock -x 9; ...) 9<file`) and whose pid
+        may be reused by anyone. So it is attributed to the processes that hold the description now, as
+        /proc/PID/fdinfo shows; if they are of several principals, or none can be found, to UNKNOWN, which
+        binds everyone.
+        """
+        if kind == "POSIX":
+            return self._principal_of_pid(pid), pid
+        wanted = _normalized(lock_text)
+        holders = [pid] if pid > 0 and fdinfo_holds(pid, wanted) else processes_holding(wanted)
+        principals = {self._principal_of_pid(p) for p in holders}
+        if len(principals) != 1 or UNKNOWN in principals:
+            return UNKNOWN, holders[0] if holders else -1
+        return principals.pop(), holders[0]
 
     def close(self) -> None:
         os.close(self._fd)
@@ -303,13 +329,19 @@ class KernelLockWatcher:
 
 
 class LockTable:
-    """Both kinds together: who holds what, and whether a change may go ahead."""
+    """Both kinds together: who holds what, and whether a change may go ahead.
 
-    def __init__(self, kernel: KernelLocks, leases: Leases, parent_of: Callable[[int], int], root: int,
+    A lock protects a file (an inode) under every name it has, and the paths to it: while another
+    principal holds it, the file cannot be changed through any of its names (hard links included), and
+    no folder above it can be renamed or moved (which would move the file away from the path it was
+    locked at, and let someone create another file there).
+    """
+
+    def __init__(self, kernel: KernelLocks, leases: Leases, parents_of: Callable[[int], list[int]], root: int,
                  may_lock: Callable[[str], bool]) -> None:
         self.kernel = kernel
         self.leases = leases
-        self._parent_of = parent_of
+        self._parents_of = parents_of  # every folder that has a name of the inode (one for a folder)
         self._root = root
         self._may_lock = may_lock  # a lock of someone with no right to lock (a viewer) binds no one
 
@@ -323,6 +355,25 @@ class LockTable:
                 combined.setdefault(inode, []).extend(held)
         return combined
 
+    def _binding(self, held: list[Holder], principal: str) -> list[Holder]:
+        """The whole-file locks in `held` that bind `principal`."""
+        return [h for h in held if h.whole and h.principal != principal
+                and (h.principal == UNKNOWN or self._may_lock(h.principal))]
+
+    def _ancestors(self, inode: int) -> set[int]:
+        """Every folder above `inode` on any of its paths to the root."""
+        found: set[int] = set()
+        frontier = [inode]
+        while frontier:
+            current = frontier.pop()
+            if current == self._root:
+                continue
+            for parent in self._parents_of(current):
+                if parent not in found:
+                    found.add(parent)
+                    frontier.append(parent)
+        return found
+
     def blocker(self, targets: Iterable[int], principal: str) -> Holder | None:
         """The lock that forbids `principal` to change `targets` now, if any.
 
@@ -332,20 +383,23 @@ class LockTable:
         kernel = self.kernel.held()
         if not kernel and not self.leases.by_inode:
             return None
-        def others(inode: int) -> list[Holder]:
-            held = kernel.get(inode, []) + self.leases.held(inode)
-            return [h for h in held
-                    if h.whole and h.principal not in (principal, UNKNOWN) and self._may_lock(h.principal)]
-
         locked = set(kernel) | set(self.leases.by_inode)
         for target in targets:
-            for holder in others(target):
+            for holder in self._binding(kernel.get(target, []) + self.leases.held(target), principal):
                 return holder
-            inode = target
-            while inode != self._root:
-                inode = self._parent_of(inode)
-                if inode in locked:
-                    for holder in others(inode):
-                        if holder.mode == EXCLUSIVE:
-                            return holder
+            for folder in self._ancestors(target) & locked:
+                for holder in self._binding(kernel.get(folder, []) + self.leases.held(folder), principal):
+                    if holder.mode == EXCLUSIVE:
+                        return holder
+        return None
+
+    def blocker_below(self, folder: int, principal: str) -> Holder | None:
+        """The lock of another principal on something below `folder`, which forbids moving `folder`."""
+        kernel = self.kernel.held()
+        if not kernel and not self.leases.by_inode:
+            return None
+        for inode in set(kernel) | set(self.leases.by_inode):
+            held = self._binding(kernel.get(inode, []) + self.leases.held(inode), principal)
+            if held and inode != folder and folder in self._ancestors(inode):
+                return held[0]
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import signal
 import time
@@ -52,6 +53,14 @@ def check_mountpoint(mountpoint: str) -> None:
         raise DeskfsError(f"mountpoint {mountpoint} is not empty")
 
 
+def raise_descriptor_limit() -> None:
+    """As many descriptors as the system lets this process have: clients of the control socket are
+    limited far below it (control.MAX_CONNECTIONS), so the mount's own work always finds one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def fuse_options(store: Store, allow_other: bool) -> set[str]:
     # The store's path is the mount's source (as findmnt shows it); commas separate FUSE options.
     source = store.path.replace("\\", "\\\\").replace(",", "\\,")
@@ -74,6 +83,7 @@ def serve(
     `ready` is called once the mount is in place, with the repairs fsck made before it (if any).
     """
     mountpoint = os.path.realpath(mountpoint)  # resolved now: once mounted, the daemon must not stat it
+    raise_descriptor_limit()
     check_mountpoint(mountpoint)
     store = Store(store_path)
     try:
@@ -121,6 +131,7 @@ async def _run(store: Store, operations: Operations, commit_interval: float) -> 
         nursery.start_soon(_watch_kernel_locks, operations)
         nursery.start_soon(_apply_retention, store)
         nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_drop_revoked_pages, operations)
         await nursery.start(control.serve(control_socket_path(store.path), operations, feed))
         # Handlers never await, so one task serves requests best (no task switching per request).
         await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -167,6 +178,29 @@ async def _apply_retention(store: Store) -> None:
     while True:
         await control.apply_retention(store, daemon_actor(), COMMIT_INTERVAL)
         await trio.sleep(RETENTION_INTERVAL)
+
+
+async def _drop_revoked_pages(operations: Operations) -> None:
+    """Drop the cached pages of files changed while someone who lost read access still has them open.
+
+    Handlers only queue the inode (they must not wait on the kernel); this task asks the kernel from a
+    worker thread, once per inode however many writes were queued meanwhile.
+    """
+    wanted: set[int] = set()
+    ready = trio.Event()
+
+    def queue(ino: int) -> None:
+        wanted.add(ino)
+        ready.set()
+
+    operations.drop_pages = queue
+    while True:
+        await ready.wait()
+        ready = trio.Event()
+        inodes = sorted(wanted)
+        wanted.clear()
+        for ino in inodes:
+            await trio.to_thread.run_sync(control.invalidate_pages, ino)
 
 
 async def _stop_on_signal() -> None:

@@ -20,7 +20,10 @@ from typing import Iterator
 
 import pytest
 
-DESKFS = str(Path(sys.executable).parent / "deskfs")
+REPO = Path(__file__).resolve().parent.parent
+# The command as installed for every local user (scripts/install): tests run what users run, root and
+# other Unix users alike. The session starts by installing this clone's source there if it changed.
+DESKFS = "/usr/local/bin/deskfs"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -28,6 +31,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("/dev/fuse is missing: the deskfs suite mounts real filesystems and cannot run", returncode=1)
     if os.geteuid() != 0:
         pytest.exit("the deskfs suite runs as root (it mounts, and creates Unix users)", returncode=1)
+    installed = subprocess.run([str(REPO / "scripts" / "install")], capture_output=True, text=True)
+    if installed.returncode != 0:
+        pytest.exit(f"scripts/install failed, so the suite would not test this source:\n{installed.stderr}",
+                    returncode=1)
 
 
 def deskfs(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -176,6 +183,31 @@ def unix_users(*names: str) -> dict[str, pwd.struct_passwd]:
     return {name: pwd.getpwnam(name) for name in names}
 
 
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A new folder that every local user may pass through (0711), removed at the end.
+
+    Not under pytest's own temporary folders: every pytest session that starts makes those 0700 again.
+    Whatever a test mounts in it must be unmounted by the test; daemon logs in it are checked as in tmp_path.
+    """
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="deskfs-test-"))
+    os.chmod(folder, 0o711)
+    try:
+        yield folder
+        for log in folder.glob("**/run/daemon.log"):
+            text = log.read_text(errors="replace")
+            assert "internal error" not in text and "Traceback" not in text, f"{log}:\n{text[-3000:]}"
+    finally:
+        with open("/proc/self/mountinfo") as f:  # a test that failed before its unmount: never walk into it
+            left = [line.split()[4] for line in f if line.split()[4].startswith(f"{folder}/")]
+        for mountpoint in left:
+            subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def shared_workspace(make_workspace, tmp_path: Path, invite: tuple[str, ...] = ()) -> Workspace:
     """A workspace mounted with --allow-other, reachable by other Unix users; those in `invite` made editors."""
     for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):  # pytest's temp folders are 0700
@@ -187,23 +219,13 @@ def shared_workspace(make_workspace, tmp_path: Path, invite: tuple[str, ...] = (
 
 
 def system_deskfs() -> list[str]:
-    """The `deskfs` command under the system python3 (the CLI needs only the standard library)."""
-    import deskfs as package
-
-    root = str(Path(package.__file__).resolve().parent.parent)
-    return ["env", f"PYTHONPATH={root}", PY, "-m", "deskfs"]
+    """The `deskfs` command as every local user runs it: the installed one."""
+    return [DESKFS]
 
 
 def user_deskfs(user: str) -> list[str]:
-    """The `deskfs` command as Unix user `user` can run it.
-
-    The test venv's interpreter may live where other users cannot reach it (e.g. under /root); then the
-    same deskfs package runs under the system python3.
-    """
-    probe = run(command_as(user, DESKFS, "--help"), cwd="/", check=False)
-    if probe.returncode == 0:
-        return [DESKFS]
-    return system_deskfs()
+    """The `deskfs` command as Unix user `user` runs it: the installed one, as for every user."""
+    return [DESKFS]
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:

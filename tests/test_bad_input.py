@@ -7,6 +7,7 @@ works again once space is freed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, RENAMEAT2, Workspace, deskfs, outcome, run
+from conftest import DESKFS, PY, RENAMEAT2, Workspace, deskfs, outcome, run
 
 
 # -- errnos on the mount ---------------------------------------------------------------------
@@ -301,3 +302,93 @@ def test_a_dead_mount_is_named_and_cleared_by_unmount(ws):
     ws.mounted = False
     ws.mount()  # runs fsck first: the store was not closed cleanly
     assert (ws.mnt / "kept").read_text() == "still here\n"
+
+
+# -- numbers and times the CLI takes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["--since", "99999999999d"],
+    ["--until", "99999999999d"],
+    ["--since", "9" * 400 + "s"],  # a float() of it is infinite
+    ["--since", "300y"],
+    ["--until", "9999-12-31T23:59"],  # past 2262: no 64-bit count of ns since the epoch holds it
+    ["--since", "1000-01-01"],
+    ["--until", "0001-01-01"],
+    ["--since", "nan"],
+    ["--limit", "99999999999999999999999"],
+    ["--limit", "9223372036854775808"],
+    ["--limit", "1000000001"],
+    ["--limit", "-1"],
+    ["--limit", "1e3"],
+])
+def test_log_numbers_and_times_out_of_range_are_one_line_usage_errors(args, ws):
+    for where in (["--mount", str(ws.mnt)], ["--store", str(ws.store)]):  # the daemon, or the store read directly
+        if where[0] == "--store":
+            ws.unmount()
+        result = deskfs("log", *where, *args, check=False, cwd="/")
+        assert_one_line_error(result, 2, "--" + args[0].lstrip("-"))
+        assert result.stdout == ""
+    ws.mount()
+    # The limits themselves are fine.
+    for fine in (["--since", "292w"], ["--until", "2262-01-01"], ["--since", "1678-01-01"], ["--limit", "1000000000"]):
+        assert deskfs("log", *fine, cwd=ws.mnt).returncode == 0, fine
+
+
+def test_log_path_with_a_byte_that_is_not_utf8_matches_that_name(ws):
+    secret = os.fsencode(str(ws.mnt)) + b"/\xffpriv"
+    os.mkdir(secret)
+    with open(secret + b"/f.txt", "w") as f:
+        f.write("x")
+    (ws.mnt / "other.txt").write_text("y")
+    folder = os.open(ws.mnt, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the journal's records so far are committed before this returns
+    finally:
+        os.close(folder)
+
+    def paths(*args: bytes | str, cwd: str | bytes = ws.mnt) -> set[str]:
+        result = subprocess.run([DESKFS, "log", "--json", "--limit", "0", *args], cwd=cwd, capture_output=True)
+        assert result.returncode == 0 and result.stderr == b"", result
+        return {json.loads(line)["path"] for line in result.stdout.splitlines()}
+
+    # The journal keeps the name as text with a backslash escape; the byte in a pattern finds it.
+    assert paths("--path", b"/\xffpriv/**") == {"/\\xffpriv/f.txt"}
+    assert paths("--path", b"\xff*") == {"/\\xffpriv", "/\\xffpriv/f.txt"}
+    assert paths("--path", b"*.txt", cwd=secret) == {"/\\xffpriv/f.txt"}
+    assert paths("--path", b"/\xff") == set()  # a byte alone names no path here, and is no error
+    ws.unmount()
+    assert paths("--store", str(ws.store), "--path", b"/\xffpriv/f.txt", cwd="/") == {"/\\xffpriv/f.txt"}
+    ws.mount()
+
+
+@pytest.mark.parametrize("args", [
+    ["--wait", "nan"], ["--wait", "-1"], ["--wait", "-0.5"], ["--wait", "inf"], ["--wait", "1e400"],
+    ["--wait=nan"], ["--wait=-1"], ["--wait=infinity"],
+    ["--ttl", "0"], ["--ttl", "-5"], ["--ttl", "86401"], ["--ttl", "99999999999999999999"], ["--ttl", "nan"],
+    ["--ttl", "1.5"],
+])
+def test_lock_wait_and_ttl_must_be_finite_and_in_range(args, ws):
+    (ws.mnt / "f").write_text("x")
+    result = deskfs("lock", "f", *args, check=False, cwd=ws.mnt, timeout=30)
+    assert_one_line_error(result, 2, args[0].split("=")[0])
+    assert "lock" not in {r["op"] for r in map(json.loads, deskfs("log", "--json", cwd=ws.mnt).stdout.splitlines())}
+
+
+def test_lock_wait_alone_still_waits_until_the_lease_is_free(ws):
+    (ws.mnt / "f").write_text("x")
+    holder, waiter = dict(os.environ, DESKFS_AGENT="holder"), dict(os.environ, DESKFS_AGENT="waiter")
+    deskfs("lock", "f", cwd=ws.mnt, env=holder)
+    busy = deskfs("lock", "f", "--wait", "0", check=False, cwd=ws.mnt, env=waiter, timeout=30)
+    assert_one_line_error(busy, 1, "is locked by", "agent:holder", "waited 0 s")
+    waiting = subprocess.Popen([DESKFS, "lock", "--wait", "f"], cwd=ws.mnt, env=waiter,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deskfs("unlock", "f", cwd=ws.mnt, env=holder)
+        assert waiting.wait(timeout=30) == 0, waiting.stderr.read()
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert run(["getfattr", "-n", "user.deskfs.lock", "--only-values", "f"], cwd=ws.mnt).stdout.startswith(
+        "lease exclusive agent:waiter")

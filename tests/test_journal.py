@@ -386,8 +386,10 @@ def test_journal_matches_tree_after_kill_9_and_verify_names_an_edited_record(ws,
     assert journaled - actual == set(), "journaled but not in the tree"
     assert actual - journaled == set(), "in the tree but not journaled"
     verified = deskfs("log", "--verify", cwd=ws.mnt, env=base_env())
-    assert re.fullmatch(r"journal verified: (\d+) records, hash chain intact\n", verified.stdout), verified.stdout
-    assert int(verified.stdout.split()[2]) == records[-1]["seq"]
+    match = re.fullmatch(r"journal verified: (\d+) records, hash chain intact; signed head: record (\d+)\n",
+                         verified.stdout)
+    assert match, verified.stdout
+    assert int(match.group(1)) == int(match.group(2)) == records[-1]["seq"]
 
     # A record altered behind deskfs's back is named, by the store and by the daemon.
     ws.unmount()
@@ -682,7 +684,9 @@ def test_million_record_journal_is_queried_through_its_indexes(make_workspace):
             assert not any(step.startswith("SCAN") for step in statement["plan"]), (name, statement)
 
     verified = deskfs("log", "--store", str(ws.store), "--verify", cwd="/")
-    assert verified.stdout == f"journal verified: {total + 1} records, hash chain intact\n"
+    # FILL wrote behind any daemon's back, so the head signed at init (the empty journal) is all there is.
+    assert verified.stdout == (f"journal verified: {total + 1} records, hash chain intact; signed head: record 0"
+                               f" ({total + 1} newer records not yet covered by it)\n")
 
 
 # -- 7. retention -------------------------------------------------------------------------------
@@ -713,7 +717,8 @@ def test_retention_prunes_old_records_and_keeps_the_chain_verifiable(ws):
     assert min(r["seq"] for r in kept) == details["anchor_seq"] + 1
     assert has(kept, op="config", principal="user:root", details={"key": "journal.retention", "value": "1s"})
     verified = deskfs("log", "--verify", cwd=ws.mnt, env=base_env()).stdout
-    assert verified == f"journal verified: {len(kept)} records, hash chain intact\n"
+    assert verified == (f"journal verified: {len(kept)} records, hash chain intact;"
+                        f" signed head: record {kept[-1]['seq']}\n")
     assert deskfs("config", "journal.retention", cwd=ws.mnt, env=base_env()).stdout == "journal.retention = 1s\n"
 
     # New records chain on from the anchor, through a remount and read straight from the store.
@@ -721,9 +726,239 @@ def test_retention_prunes_old_records_and_keeps_the_chain_verifiable(ws):
     wait_log(ws, lambda rs: has(rs, op="close_write", path="/new.txt"), "new.txt's close_write")
     ws.unmount()
     offline = deskfs("log", "--verify", "--store", str(ws.store), cwd="/").stdout
-    assert re.fullmatch(r"journal verified: \d+ records, hash chain intact\n", offline)
+    assert re.fullmatch(r"journal verified: \d+ records, hash chain intact; signed head: record \d+\n", offline)
     ws.mount()
     assert deskfs("log", "--verify", cwd=ws.mnt, env=base_env()).returncode == 0
+
+
+# -- 7b. tamper evidence at both ends of the chain ----------------------------------------------
+
+
+VERIFIED = re.compile(r"journal verified: (\d+) records, hash chain intact; signed head: record (\d+)(.*)\n")
+
+
+def verify_store(ws) -> subprocess.CompletedProcess:
+    """`deskfs log --verify` of the unmounted store, read straight from its files."""
+    return deskfs("log", "--verify", "--store", str(ws.store), check=False, cwd="/")
+
+
+def verified_head(result: subprocess.CompletedProcess) -> tuple[int, int, str]:
+    """(records checked, the signed head's seq, the rest of the line) of a verification that passed."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = VERIFIED.fullmatch(result.stdout)
+    assert match, result.stdout
+    return int(match.group(1)), int(match.group(2)), match.group(3)
+
+
+def failed_because(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = one_line(result)
+    assert line.startswith("deskfs: journal verification FAILED"), line
+    return line
+
+
+def sql(ws, statement: str) -> str:
+    return run(["sqlite3", str(ws.store / "deskfs.db"), statement], cwd="/").stdout.strip()
+
+
+def make_records(ws, files: int) -> int:
+    """Journal about 3 records per file (create, write, close_write); the newest committed seq."""
+    as_agent("filler", f"""
+        for i in range({files}):
+            open(f"fill-{{i}}.txt", "w").write("x")
+    """, ws.mnt)
+    records = wait_log(ws, lambda rs: has(rs, op="close_write", path=f"/fill-{files - 1}.txt"), "the last close_write")
+    return records[-1]["seq"]
+
+
+def test_deleting_the_newest_records_is_detected_and_stays_detected(ws):
+    make_records(ws, 30)
+    ws.unmount()
+    checked, head, rest = verified_head(verify_store(ws))
+    assert (checked, rest) == (head, "")  # after an orderly unmount the head is the newest record
+    assert (ws.store / "journal.head").stat().st_mode & 0o777 == 0o600
+    assert (ws.store / "journal.key").stat().st_mode & 0o777 == 0o600
+
+    # The attack of issue 9: the newest 50 records deleted while no daemon has the store.
+    sql(ws, f"DELETE FROM journal WHERE seq > {head - 50}")
+    line = failed_because(verify_store(ws))
+    assert f"the journal ends at record {head - 50}, but its signed head is record {head}" in line
+    assert f"records {head - 49} to {head} were removed" in line
+
+    # Mounting again does not launder it: the daemon journals what it found before it signs a new head.
+    ws.mount()
+    [found] = log(ws, "--op", "head_mismatch")
+    assert (found["seq"], found["principal"]) == (head - 49, "deskfs")
+    assert (found["details"]["signed_seq"], found["details"]["found_seq"]) == (head, head - 50)
+    online = deskfs("log", "--verify", check=False, cwd=ws.mnt, env=base_env())
+    assert f"record {head - 49} says the journal did not reach its signed head" in failed_because(online)
+    (ws.mnt / "later.txt").write_text("later\n")
+    ws.unmount()
+    assert f"record {head - 49} says" in failed_because(verify_store(ws))
+    # ... and deleting that record too is the same attack again, on the new head.
+    sql(ws, f"DELETE FROM journal WHERE seq >= {head - 49}")
+    assert "were removed" in failed_because(verify_store(ws))
+
+
+def test_deleting_the_oldest_records_behind_a_forged_anchor_is_detected(make_workspace):
+    ws = make_workspace()
+    make_records(ws, 70)
+    ws.unmount()
+    pristine = ws.store.parent / "pristine-store"
+    run(["cp", "-a", str(ws.store), str(pristine)], cwd="/")
+
+    # The attack of issue 9: the oldest 177 records deleted, and an anchor written that they chain from.
+    anchor_hash = sql(ws, "SELECT hex(hash) FROM journal WHERE seq = 177")
+    sql(ws, "DELETE FROM journal WHERE seq <= 177;"
+            " INSERT OR REPLACE INTO settings (key, value) VALUES ('journal.anchor_seq', '177');"
+            f" INSERT OR REPLACE INTO settings (key, value) VALUES ('journal.anchor_hash', '{anchor_hash.lower()}');")
+    line = failed_because(verify_store(ws))
+    assert "no prune record vouches for that anchor: records up to 177 were removed" in line
+    ws.mount()
+    assert "no prune record vouches" in failed_because(deskfs("log", "--verify", check=False, cwd=ws.mnt,
+                                                              env=base_env()))
+    ws.unmount()
+
+    # A real pruning leaves its anchor in a prune record, in the chain; moving the anchor on is seen.
+    run(["rm", "-rf", str(ws.store)], cwd="/")
+    run(["mv", str(pristine), str(ws.store)], cwd="/")
+    ws.mount()
+    old = log(ws)[-1]
+    # Age is the behaviour under test: these records must be more than a second old, the next ones not.
+    time.sleep(max(0.0, old["time_ns"] / 1e9 + 1.3 - time.time()))
+    as_agent("filler", "for i in range(3): open(f'fresh-{i}.txt', 'w').write('x')", ws.mnt)
+    assert deskfs("config", "journal.retention", "1s", cwd=ws.mnt, env=base_env()).returncode == 0
+    assert deskfs("config", "journal.retention", "forever", cwd=ws.mnt, env=base_env()).returncode == 0
+    [prune] = log(ws, "--op", "prune")
+    anchor = prune["details"]["anchor_seq"]
+    kept = log(ws)
+    assert kept[0]["seq"] == anchor + 1 and anchor >= old["seq"]
+    assert len([r for r in kept if r["seq"] < prune["seq"] and r["path"]]) >= 3  # the fresh files' records
+    make_records(ws, 3)
+    ws.unmount()
+    checked, head, rest = verified_head(verify_store(ws))  # pruning, then verify: it holds
+    assert (head, rest) == (checked + anchor, "")
+    forged = anchor + 2
+    forged_hash = sql(ws, f"SELECT lower(hex(hash)) FROM journal WHERE seq = {forged}")
+    sql(ws, f"DELETE FROM journal WHERE seq <= {forged};"
+            f" UPDATE settings SET value = '{forged}' WHERE key = 'journal.anchor_seq';"
+            f" UPDATE settings SET value = '{forged_hash}' WHERE key = 'journal.anchor_hash';")
+    line = failed_because(verify_store(ws))
+    assert (f"the anchor in settings (record {forged}) is not the one the newest prune record,"
+            f" record {prune['seq']}, left (record {anchor})") in line
+
+
+FSYNC_CHURN = textwrap.dedent(
+    """
+    import os, sys
+    i = 0
+    try:
+        while True:
+            fd = os.open(f"{sys.argv[1]}/synced-{i % 7}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(fd, b"y" * 10)
+            if i % 3 == 0:
+                os.fsync(fd)  # the durable part of the head moves on here
+            os.close(fd)
+            i += 1
+            print(i, flush=True)
+    except OSError as e:
+        print("stopped", e.errno, flush=True)
+    """
+)
+
+
+def test_kill_9_mid_workload_never_fails_verification(ws, procs):
+    for round_, rounds in enumerate((5, 40, 120)):
+        folder = ws.mnt / f"round{round_}"
+        folder.mkdir()
+        workers = [subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd="/", env=agent_env("churner"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for code in (CHURN, FSYNC_CHURN)]
+        procs.extend(workers)
+        lines = [Lines(w.stdout) for w in workers]
+        for got in lines:
+            got.until(lambda line: line.isdigit() and int(line) >= rounds, 60, f"reporting {rounds} rounds")
+        ws.kill_daemon()  # between any two of the daemon's steps: a commit and its head included
+        for worker, got in zip(workers, lines):
+            got.until(lambda line: line.startswith("stopped"), 30, "saying it stopped")
+            assert worker.wait(timeout=30) == 0, worker.stderr.read()
+        # Unmounted after the crash, the head may lag the database by a commit, never lead it.
+        checked, head, _ = verified_head(verify_store(ws))
+        assert head <= checked
+        ws.mount()
+        checked, head, rest = verified_head(deskfs("log", "--verify", cwd=ws.mnt, env=base_env(), check=False))
+        assert (head, rest) == (checked, "")
+        assert log(ws, "--op", "head_mismatch") == []
+
+
+def test_a_head_that_lags_or_outlived_a_machine_crash_is_no_false_alarm(ws):
+    """What a crash can leave, made on purpose: a head older than the database (a kill -9 between a
+    commit and its head), and a head newer than the database from an earlier boot (a machine crash lost
+    commits SQLite had not synced). Neither is tampering; a newer head of this boot is."""
+    make_records(ws, 5)
+    ws.unmount()
+    older = (ws.store / "journal.head").read_bytes()
+    _, older_seq, _ = verified_head(verify_store(ws))
+    ws.mount()
+    make_records(ws, 10)
+    ws.kill_daemon()
+    newest = int(sql(ws, "SELECT MAX(seq) FROM journal"))
+    (ws.store / "journal.head").write_bytes(older)
+    checked, head, rest = verified_head(verify_store(ws))
+    assert (checked, head) == (newest, older_seq)
+    assert rest == f" ({newest - older_seq} newer records not yet covered by it)"
+
+    key = bytes.fromhex((ws.store / "journal.key").read_text())
+    durable = (older_seq, bytes.fromhex(sql(ws, f"SELECT hex(hash) FROM journal WHERE seq = {older_seq}")))
+
+    def head_of_boot(boot: str) -> None:
+        head = journal.Head(newest + 20, os.urandom(16), *durable, boot)
+        (ws.store / "journal.head").write_bytes(journal.head_block(head, key))
+
+    head_of_boot("an-earlier-boot")
+    checked, head, rest = verified_head(verify_store(ws))
+    assert (checked, head) == (newest, older_seq)
+    assert "the machine restarted since it was written" in rest
+    head_of_boot(journal.this_boot())
+    assert f"records {newest + 1} to {newest + 20} were removed" in failed_because(verify_store(ws))
+    head_of_boot("an-earlier-boot")
+    ws.mount()  # fsck after the kill; the remount trusts the database as far as the head requires
+    verified_head(deskfs("log", "--verify", cwd=ws.mnt, env=base_env(), check=False))
+    assert log(ws, "--op", "head_mismatch") == []
+
+
+def test_a_removed_or_altered_head_fails_and_a_store_without_a_key_gets_one(ws):
+    make_records(ws, 3)
+    ws.unmount()
+    head_file, key_file = ws.store / "journal.head", ws.store / "journal.key"
+    signed = head_file.read_bytes()
+    head_file.unlink()
+    assert "journal.head is missing" in failed_because(verify_store(ws))
+    head_file.write_bytes(signed.replace(b'"seq": ', b'"seq": 1', 1))
+    assert "does not match its signature" in failed_because(verify_store(ws))
+    head_file.write_bytes(signed)
+    verified_head(verify_store(ws))
+
+    # A store of a deskfs before signed heads has neither file: it verifies, says so, and gets a key at
+    # its next mount (trusting what its database holds then).
+    head_file.unlink()
+    key_file.unlink()
+    result = verify_store(ws)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"journal verified: \d+ records, hash chain intact; no signed head \(this store has no"
+                        r" journal key yet: it gets one at its next mount\)\n", result.stdout), result.stdout
+    ws.mount()
+    assert key_file.exists() and key_file.stat().st_mode & 0o777 == 0o600
+    ws.unmount()
+    checked, head, rest = verified_head(verify_store(ws))
+    assert (checked, rest) == (head, "")
+    # A key that is not one: the next opening of the store records it, and verification fails from then.
+    key_file.write_text("not a key\n")
+    assert "the journal key was altered" in failed_because(verify_store(ws))
+    ws.mount()
+    assert [r["details"]["reason"] for r in log(ws, "--op", "head_mismatch")] == [
+        f"the journal key was altered ({key_file} holds no key)"]
+    assert "did not reach its signed head" in failed_because(deskfs("log", "--verify", check=False, cwd=ws.mnt,
+                                                                    env=base_env()))
 
 
 # -- 8. inotify ---------------------------------------------------------------------------------
@@ -816,6 +1051,53 @@ def test_status_shows_open_writers_locks_and_recent_changes(ws, procs):
     assert kinds == [("lock", "flock", "exclusive"), ("unlock", "flock", "exclusive")]
     after = json.loads(deskfs("status", "--json", "--mount", str(ws.mnt), cwd="/", env=base_env()).stdout)[0]
     assert after["locks"] == [] and "agent:w" not in {a["principal"] for a in after["active"]}
+
+
+# -- 9b. names that try to forge lines or command the terminal ----------------------------------
+
+
+FORGED = "\n21:20:00.000  user:root  deleted  /report.md"  # as a folder's name and the file in it
+HOSTILE = ["x" + FORGED.split("/")[0], "\x1b]0;pwned\x07", "bidi-\u202eexe.txt", "sep\u2028\u2029arator",
+           "c1-\x9b31m", "del-\x7f"]
+
+
+def test_names_with_control_characters_are_escaped_in_every_human_line(ws):
+    forge_folder = ws.mnt / HOSTILE[0]
+    forge_folder.mkdir()
+    (forge_folder / "report.md").write_text("forged\n")
+    for name in HOSTILE[1:]:
+        (ws.mnt / name).write_text("hostile\n")
+    for target in (forge_folder / "report.md", ws.mnt / HOSTILE[1]):
+        assert deskfs("lock", str(target), cwd=ws.mnt, env=base_env()).returncode == 0
+    records = wait_log(ws, lambda rs: all(has(rs, op="close_write", path="/" + n) for n in HOSTILE[1:]),
+                       "every close_write")
+    # --json stays exact.
+    assert has(records, op="close_write", path="/x" + FORGED)
+    assert has(records, op="lock", path="/\x1b]0;pwned\x07")
+
+    human = deskfs("log", "--limit", "0", cwd=ws.mnt, env=base_env()).stdout
+    lines = human.splitlines()
+    assert len(lines) == len(records), human  # one line per record, whatever the names
+    assert all(HUMAN_LINE.match(line) for line in lines), human
+    assert not any(line.startswith("21:20:00.000") for line in lines)
+    assert "/x\\n21:20:00.000  user:root  deleted  /report.md" in human
+    assert "/\\x1b]0;pwned\\x07" in human and "bidi-\\u202eexe.txt" in human and "sep\\u2028\\u2029arator" in human
+    assert "c1-\\x9b31m" in human and "del-\\x7f" in human
+
+    status = deskfs("status", "--mount", str(ws.mnt), cwd="/", env=base_env()).stdout
+    locks = deskfs("locks", cwd=ws.mnt, env=base_env()).stdout
+    unlock = deskfs("unlock", str(ws.mnt / HOSTILE[2]), check=False, cwd=ws.mnt, env=base_env())  # no lease there
+    assert unlock.returncode == 1
+    one_line(unlock)
+    for text in (human, status, locks, unlock.stderr):
+        assert not any(c in text for c in "\x1b\x07\x7f\x9b\u202e\u2028\u2029"), repr(text)
+        assert not any(line.lstrip().startswith("21:20:00.000") for line in text.splitlines()), text
+    assert len(locks.splitlines()) == 2, locks
+    assert "/x\\n21:20:00.000  user:root  deleted  /report.md  lease exclusive  user:root" in locks
+    recent = status.split("recent changes:\n", 1)[1].splitlines()
+    assert len(recent) == 10 and all(HUMAN_LINE.match(line.strip()) for line in recent), status
+    exact = json.loads(deskfs("locks", "--json", cwd=ws.mnt, env=base_env()).stdout)
+    assert sorted(h["path"] for h in exact) == sorted([str(forge_folder / "report.md"), str(ws.mnt / HOSTILE[1])])
 
 
 # -- 10. refused requests -----------------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, RENAMEAT2, as_user, outcome, py, run, shared_workspace, unix_users
+from conftest import (DESKFS, PY, RENAMEAT2, Workspace, as_user, command_as, outcome, py, run, shared_workspace,
+                      unix_users)
 
 TEST_USERS = ("deskfs-t1", "deskfs-t2")
 
@@ -39,6 +40,12 @@ def sh(cmd: str, cwd: Path, user: pwd.struct_passwd | None = None, check: bool =
 def stat_of(path: Path, fmt: str) -> str:
     """`stat -c FMT` in a separate process."""
     return run(["stat", "-c", fmt, str(path)], cwd="/").stdout.strip()
+
+
+def unmount(mnt: Path) -> None:
+    """Unmount a mount made outside the Workspace helper, by force if need be (a test's cleanup)."""
+    if run([DESKFS, "unmount", str(mnt)], cwd="/", check=False).returncode != 0:
+        run(["fusermount3", "-uz", str(mnt)], cwd="/", check=False)
 
 
 def objects_of(store: Path) -> set[int]:
@@ -240,6 +247,108 @@ def test_other_user_gets_eacces_on_a_0600_file(shared, users):
     assert outcome("os.stat('pub/closed/f')", shared.mnt, user=t2) == "EACCES"
 
 
+# -- set-ID bits cleared by a change of content ----------------------------------------------
+
+# How a change of content reaches the file system: a write-only handle (the kernel sends it straight to
+# deskfs, direct_io), a read-write one (through the page cache), an O_TRUNC open, truncate by path, ftruncate.
+CHANGES = {
+    "append": "fd = os.open(f, os.O_WRONLY | os.O_APPEND); os.write(fd, b'more'); os.close(fd)",
+    "rdwr": "fd = os.open(f, os.O_RDWR); os.pwrite(fd, b'Y', 0); os.close(fd)",
+    "otrunc": "os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))",
+    "truncate": "os.truncate(f, 100)",
+    "ftruncate": "fd = os.open(f, os.O_RDWR); os.ftruncate(fd, 1); os.close(fd)",
+}
+CHANGE_ALL = """
+import os, sys
+for f in sys.argv[1:]:
+    exec(CHANGES[f.split('.')[-1]])
+""".replace("CHANGES", repr(CHANGES))
+
+
+def set_id_files(folder: Path, t1: pwd.struct_passwd) -> dict[str, int]:
+    """One file per (case, change) in `folder`, made by root; {name: the mode an ext4 user expects after}."""
+    cases = {  # case: (mode, owner uid, group gid, mode after t1 changed its content)
+        "suid": (0o4777, 0, 0, 0o0777),
+        "suid-sgid-gx": (0o6777, 0, 0, 0o0777),
+        "sgid-gx": (0o2777, 0, 0, 0o0777),
+        "sgid-not-member": (0o2767, 0, 0, 0o0767),  # t1 is not in group root: the kernel clears it too
+        "sgid-member": (0o2767, 0, t1.pw_gid, 0o2767),  # no group-execute, and t1 is in the group: kept
+        "own-suid": (0o4755, t1.pw_uid, t1.pw_gid, 0o0755),  # the owner's own change clears it as well
+    }
+    expected = {}
+    for case, (mode, uid, gid, after) in cases.items():
+        for change in CHANGES:
+            name = f"{case}.{change}"
+            (folder / name).write_bytes(b"content\n")
+            os.chown(folder / name, uid, gid)
+            os.chmod(folder / name, mode)
+            expected[name] = after
+    return expected
+
+
+def modes(folder: Path, names) -> dict[str, int]:
+    return {name: stat.S_IMODE(os.stat(folder / name).st_mode) for name in names}
+
+
+def test_a_change_of_content_by_another_user_clears_set_id_bits_as_on_ext4(shared, users, tmp_path):
+    t1 = users[0]
+    plain = tmp_path / "plain"  # the same, in a folder of the store's own disk (ext4 here)
+    plain.mkdir(mode=0o777)
+    os.chmod(plain, 0o777)
+    expected = set_id_files(shared.mnt / "pub", t1)
+    set_id_files(plain, t1)
+    for folder in (shared.mnt / "pub", plain):
+        run([*as_user(t1), PY, "-c", CHANGE_ALL, *expected], cwd=folder)
+    assert modes(plain, expected) == expected  # what ext4 does on this kernel
+    assert modes(shared.mnt / "pub", expected) == expected
+    # Root (CAP_FSETID) keeps the bits, on every path.
+    for change in CHANGES:
+        (shared.mnt / "pub" / f"root.{change}").write_bytes(b"content\n")
+        os.chmod(shared.mnt / "pub" / f"root.{change}", 0o6777)
+    run([PY, "-c", CHANGE_ALL, *(f"root.{change}" for change in CHANGES)], cwd=shared.mnt / "pub")
+    assert set(modes(shared.mnt / "pub", (f"root.{c}" for c in CHANGES)).values()) == {0o6777}
+    # The journal says who cleared them when deskfs did it itself (the kernel's own setattr says so too).
+    records = [json.loads(line) for line in run(
+        [DESKFS, "log", "--json", "--limit", "0", "--op", "setattr", "--principal",
+         f"user:{t1.pw_name}"], cwd=shared.mnt).stdout.splitlines()]
+    cleared = {r["path"]: r["details"] for r in records if (r["details"] or {}).get("cleared_by")}
+    assert cleared["/pub/suid.append"] == {"mode": "0777", "cleared_by": "write"}
+    assert cleared["/pub/suid.otrunc"] == {"mode": "0777", "cleared_by": "open"}
+    shared.unmount()
+    shared.mount("--allow-other")
+    assert modes(shared.mnt / "pub", expected) == expected
+
+
+def test_a_users_own_write_clears_its_set_id_bits_on_a_private_mount(users, open_tmp):
+    """On a mount of the user's own (no --allow-other) the kernel caches attributes: it must not keep
+    showing the bits deskfs cleared."""
+    t1 = users[0]
+    home = open_tmp / "own"
+    home.mkdir()
+    os.chown(home, t1.pw_uid, t1.pw_gid)
+    run(command_as(t1.pw_name, DESKFS, "init", "store"), cwd=home)
+    (home / "mnt").mkdir()
+    os.chown(home / "mnt", t1.pw_uid, t1.pw_gid)
+    run(command_as(t1.pw_name, DESKFS, "mount", "store", "mnt"), cwd=home)
+    try:
+        out = py("""
+            import os, stat
+            os.chdir('mnt')  # as the user: root cannot enter a mount without allow_other
+            def mode(f): return oct(stat.S_IMODE(os.stat(f).st_mode))
+            for f, m in (('a', 0o4755), ('b', 0o6750), ('c', 0o4700)):
+                with open(f, 'w') as w: w.write('x')
+                os.chmod(f, m)
+            print(mode('a'), mode('b'), mode('c'))  # now in the kernel's attribute cache
+            fd = os.open('a', os.O_WRONLY | os.O_APPEND); os.write(fd, b'y'); os.close(fd)
+            os.close(os.open('b', os.O_WRONLY | os.O_TRUNC))
+            fd = os.open('c', os.O_RDWR); os.write(fd, b'z'); os.close(fd)
+            print(mode('a'), mode('b'), mode('c'))
+        """, home, user=t1).stdout.split()
+        assert out == ["0o4755", "0o6750", "0o4700", "0o755", "0o750", "0o700"]
+    finally:
+        unmount(home / "mnt")
+
+
 # -- file bodies -----------------------------------------------------------------------------
 
 
@@ -393,14 +502,133 @@ def test_statfs_reports_the_store_disks_free_space_and_namemax_255(ws):
     assert 0 <= free_disk - free_mnt <= (64 << 20) + total // 100
 
 
-def test_st_blocks_grow_with_size(ws):
-    sizes = [0, 1, 4096, 4097, 1 << 20, 5 << 20]
-    for i, size in enumerate(sizes):
-        run(["truncate", "-s", str(size), f"f{i}"], cwd=ws.mnt)
-    blocks = [int(stat_of(ws.mnt / f"f{i}", "%b")) for i in range(len(sizes))]
-    assert blocks[0] == 0
-    assert all(b * 512 >= size for b, size in zip(blocks, sizes))
-    assert blocks == sorted(blocks) and blocks[-1] > blocks[-2] > blocks[2] > 0
+SPARSE_FILES = """
+import os
+for size in (0, 1, 4096, 4097, 1 << 20):
+    with open(f'w{size}', 'wb') as f:
+        f.write(b'x' * size)
+fd = os.open('sparse', os.O_WRONLY | os.O_CREAT, 0o644)  # a write far past the end leaves a hole
+os.pwrite(fd, b'head', 0)
+os.pwrite(fd, b'tail', 1 << 30)
+os.close(fd)
+fd = os.open('grown', os.O_RDWR | os.O_CREAT, 0o644)  # grown by ftruncate and truncate only
+os.ftruncate(fd, 1 << 30)
+os.close(fd)
+os.truncate('grown', 5 << 30)
+"""
+SPARSE_NAMES = ("w0", "w1", "w4096", "w4097", "w1048576", "sparse", "grown")
+
+
+def body_of(ws, name: str) -> Path:
+    return next((ws.store / "objects").glob(f"*/{os.stat(ws.mnt / name).st_ino}"))
+
+
+def test_st_blocks_tell_what_is_allocated_and_holes_read_back_as_zeros(ws, tmp_path):
+    plain = tmp_path / "plain"  # the same files in a folder of the store's own disk
+    plain.mkdir()
+    for folder in (ws.mnt, plain):
+        run([PY, "-c", SPARSE_FILES], cwd=folder)
+
+    def blocks(folder: Path) -> dict[str, int]:
+        out = run(["stat", "-c", "%n %b %s", *SPARSE_NAMES], cwd=folder).stdout.split()
+        return {name: (int(b), int(s)) for name, b, s in zip(out[::3], out[1::3], out[2::3])}
+
+    seen = blocks(ws.mnt)
+    assert seen == blocks(plain)
+    assert seen["sparse"][1] == (1 << 30) + 4 and 0 < seen["sparse"][0] <= 64  # two blocks, not a GiB
+    assert seen["grown"] == (0, 5 << 30)
+    assert seen["w0"] == (0, 0) and seen["w1048576"][0] >= 2048
+    for name in SPARSE_NAMES[1:]:  # exactly what the backing file takes on disk
+        assert seen[name][0] == body_of(ws, name).stat().st_blocks
+    reads = """
+        import os
+        fd = os.open('sparse', os.O_RDONLY)
+        assert os.pread(fd, 4, 0) == b'head' and os.pread(fd, 8, (1 << 30) - 4) == bytes(4) + b'tail'
+        assert os.pread(fd, 1 << 20, 1 << 29) == bytes(1 << 20)
+        fd = os.open('grown', os.O_RDONLY)
+        assert os.pread(fd, 1 << 16, (5 << 30) - (1 << 16)) == bytes(1 << 16) and os.pread(fd, 1, 5 << 30) == b''
+        print('zeros')
+    """
+    assert py(reads, ws.mnt).stdout == "zeros\n"
+    ws.unmount()
+    ws.mount()  # cold: no body open, the blocks are asked of the backing files
+    assert blocks(ws.mnt) == seen
+    assert py(reads, ws.mnt).stdout == "zeros\n"
+
+
+def test_growing_a_file_beyond_the_free_space_works_and_too_large_gets_the_disks_answer(ws, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    disk = os.statvfs(ws.store)
+    beyond_free = disk.f_bavail * disk.f_frsize + (20 << 30)  # e.g. `truncate -s 100G` with 80 GiB free
+    run(["truncate", "-s", str(beyond_free), "big"], cwd=ws.mnt)
+    assert stat_of(ws.mnt / "big", "%s %b") == f"{beyond_free} 0"
+    assert outcome(f"fd = os.open('big', os.O_RDWR); os.ftruncate(fd, {beyond_free * 2}); os.close(fd)",
+                   ws.mnt) == "OK"
+    assert stat_of(ws.mnt / "big", "%s %b") == f"{beyond_free * 2} 0"
+    # Past what the store's file system can hold (ext4: 16 TiB): its own answer (EFBIG), never ENOSPC;
+    # the same for a write that far out.
+    for change in (f"os.truncate('f', {17 << 40})", f"os.truncate('f', {(1 << 63) - 1})",
+                   f"fd = os.open('f', os.O_WRONLY); os.pwrite(fd, b'x', {17 << 40})"):
+        answers = []
+        for folder in (plain, ws.mnt):
+            (folder / "f").write_bytes(b"kept")
+            answers.append(outcome(change, folder))
+            assert (folder / "f").read_bytes() == b"kept"
+        assert answers[0] == answers[1] != "ENOSPC", change
+    assert answers[0] == "EFBIG"  # the disk under the store here is ext4
+    assert stat_of(ws.mnt / "f", "%s") == "4"
+
+
+@pytest.fixture
+def tiny_ws(tmp_path):
+    """A mounted workspace whose store lives on a 64 MiB tmpfs."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(disk)], cwd="/")
+    ws = None
+    try:
+        ws = Workspace(disk)
+        ws.mount()
+        yield ws
+    finally:
+        if ws is not None:
+            ws.cleanup()
+        run(["umount", str(disk)], cwd="/")
+
+
+FILL_HOLES = """
+import errno, os
+fd = os.open('sparse', os.O_WRONLY)  # no O_TRUNC: into the holes of a 1 GiB sparse file
+chunk, total = b'z' * (1 << 20), 0
+try:
+    while total < 256 << 20:
+        total += os.pwrite(fd, chunk, total)
+    print('no-ENOSPC', total)
+except OSError as e:
+    print(errno.errorcode[e.errno], total)
+"""
+
+
+def test_on_a_full_disk_truncate_still_grows_files_and_writes_into_holes_are_refused(tiny_ws):
+    ws = tiny_ws
+    run("truncate -s 1G sparse", cwd=ws.mnt)  # a 1 GiB file on a 64 MiB disk: it allocates nothing
+    assert stat_of(ws.mnt / "sparse", "%s %b") == f"{1 << 30} 0"
+    code, written = run([PY, "-c", FILL_HOLES], cwd=ws.mnt).stdout.split()
+    assert code == "ENOSPC" and int(written) > 30 << 20  # filling holes allocates: it counts
+    # The disk is full for data, yet growing by truncate needs no space, and metadata still commits.
+    run("truncate -s 2G other && mkdir after-full", cwd=ws.mnt)
+    assert outcome("fd = os.open('sparse', os.O_RDWR); os.ftruncate(fd, 3 << 30)", ws.mnt) == "OK"
+    assert outcome("fd = os.open('sparse', os.O_WRONLY); os.pwrite(fd, b'x' * (4 << 20), 2 << 30)",
+                   ws.mnt) == "ENOSPC"
+    ws.unmount()
+    assert run([DESKFS, "fsck", str(ws.store)], cwd="/").stdout.strip().endswith("clean, nothing to repair")
+    ws.mount()
+    assert stat_of(ws.mnt / "sparse", "%s") == str(3 << 30) and stat_of(ws.mnt / "other", "%s %b") == f"{2 << 30} 0"
+    assert py(f"""
+        fd = open('sparse', 'rb')
+        fd.seek({int(written)} - 1); print(fd.read(2))
+    """, ws.mnt).stdout.strip() == repr(b"z\0")
 
 
 def test_inode_numbers_stay_stable_across_rename_and_remount(ws):

@@ -2,6 +2,9 @@
 
 Owns the backing files, the descriptors open on them (one per inode, shared by every handle) and
 the space guard that keeps room for the metadata database so a full disk never corrupts the store.
+Bodies are sparse, as the store's filesystem makes them: growing a file by truncate allocates nothing
+and is not charged to the guard; a write is charged for what it may allocate (the bytes past the end,
+and in a body that may have holes, all of it).
 
 Must never: know about paths, names, permissions or the database; the backing file's length is the
 truth about a file's size after a crash (fsck relies on it).
@@ -67,13 +70,16 @@ class Content:
         self.guard = guard
         self._fds: dict[int, int] = {}
         self._users: dict[int, int] = {}
+        # Open bodies that may have holes (grown by truncate, written past their end, or found so when
+        # opened): a write inside them may allocate, so it is charged in full.
+        self._holey: set[int] = set()
 
     @staticmethod
     def create_layout(objects_dir: str) -> None:
         os.makedirs(objects_dir, exist_ok=True)
 
     def path(self, ino: int) -> str:
-        return os.path.join(self.objects_dir, f"{ino >> BUCKET_SHIFT:x}", str(ino))
+        return f"{self.objects_dir}/{ino >> BUCKET_SHIFT:x}/{ino}"  # not os.path.join: 1 us less per stat
 
     def _open_body(self, ino: int) -> int:
         path = self.path(ino)
@@ -91,6 +97,9 @@ class Content:
         if fd is None:
             fd = self._fds[ino] = self._open_body(ino)
             self._users[ino] = 0
+            st = os.fstat(fd)
+            if st.st_blocks * 512 < st.st_size:
+                self._holey.add(ino)
         self._users[ino] += 1
         return fd
 
@@ -98,6 +107,7 @@ class Content:
         self._users[ino] -= 1
         if self._users[ino] == 0:
             del self._users[ino]
+            self._holey.discard(ino)
             os.close(self._fds.pop(ino))
 
     def is_open(self, ino: int) -> bool:
@@ -105,18 +115,39 @@ class Content:
 
     # -- body operations ----------------------------------------------------------------------
 
-    def write(self, fd: int, offset: int, data: bytes, old_size: int) -> int:
-        growth = offset + len(data) - old_size
-        if growth > 0:
-            self.guard.claim(growth)
+    def blocks(self, ino: int) -> int:
+        """512-byte blocks the body really occupies on the store's disk (st_blocks): 0 without a body."""
+        fd = self._fds.get(ino)
+        try:
+            return (os.fstat(fd) if fd is not None else os.stat(self.path(ino))).st_blocks
+        except FileNotFoundError:
+            return 0
+
+    def write(self, ino: int, fd: int, offset: int, data: bytes, old_size: int) -> int:
+        """pwrite into the open body `fd` of `ino`, after charging the guard for what it may allocate.
+
+        The bytes past the old end are charged (a gap before them stays a hole); bytes inside the old
+        size only when the body may have holes, since overwriting allocated blocks needs no space.
+        """
+        end = offset + len(data)
+        if ino in self._holey:
+            charge = len(data)
+        else:
+            charge = end - max(offset, old_size) if end > old_size else 0
+            if offset > old_size:
+                self._holey.add(ino)
+        if charge > 0:
+            self.guard.claim(charge)
         return os.pwrite(fd, data, offset)
 
     def truncate(self, ino: int, size: int, old_size: int) -> None:
-        if size > old_size:
-            self.guard.claim(size - old_size)
+        """Set the body's length. Growing allocates nothing (the new part is a hole), so costs no space;
+        a length the store's filesystem cannot hold gets its answer (EFBIG on ext4)."""
         fd = self._fds.get(ino)
         if fd is not None:
             os.ftruncate(fd, size)
+            if size > old_size:
+                self._holey.add(ino)
         elif size == 0:
             # Nothing to keep: no body is the same as an empty one, and costs no inode on disk.
             self.delete(ino)
@@ -130,6 +161,7 @@ class Content:
             self.guard.released()
 
     def delete(self, ino: int) -> None:
+        self._holey.discard(ino)
         try:
             os.unlink(self.path(ino))
         except FileNotFoundError:
@@ -141,3 +173,4 @@ class Content:
             os.close(fd)
         self._fds.clear()
         self._users.clear()
+        self._holey.clear()

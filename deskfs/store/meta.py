@@ -256,6 +256,13 @@ class Meta:
         found = self.name_of(dir_ino)
         return found[0] if found else ROOT_INODE
 
+    def parents_of(self, ino: int) -> list[int]:
+        """Every folder holding a name of `ino` (a folder has one; a hard-linked file several)."""
+        inode = self.cache.get(ino)
+        if inode is not None and inode.is_dir:
+            return [self.parent_of(ino)]
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT parent FROM dentries WHERE inode=?", (ino,))]
+
     def is_ancestor(self, ancestor: int, ino: int) -> bool:
         """Whether folder `ancestor` is `ino` or lies on the path from `ino` to the root."""
         while True:
