@@ -409,6 +409,10 @@ class ReadableFilter:
             self._reachable[passed] = known
         return known
 
+    def allows(self, mode: int, uid: int, gid: int, bit: int) -> bool:
+        """Whether the reader's Unix user has permission `bit` (4 read, 1 search) on such a file."""
+        return self._allows(mode, uid, gid, bit)
+
     def _allows(self, mode: int, uid: int, gid: int, bit: int) -> bool:
         if self._uid == 0:
             return True

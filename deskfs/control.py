@@ -12,6 +12,9 @@ itself. Requests (`op`):
   config {key, value?}       read or (owner only) change a setting
   members, invite {principal, role}, role {principal, role}, remove {principal}, leave,
   transfer {principal, then}, accept-transfer, cancel-transfer
+  unmounting                 (root or the daemon's user: `deskfs unmount`) the daemon closes its own
+                             descriptors on the mount, which would make the unmount busy, until the
+                             connection closes (lease_locks.py; the leases' kernel locks are taken again)
 Answers: {"ok": true, ...} or {"error": MESSAGE, "usage": BOOL}.
 
 Must never: act on a request before reading the caller's credentials; run a long query on the FUSE
@@ -42,6 +45,7 @@ from deskfs.fs import Operations
 from deskfs.identity import LookupFailed
 from deskfs.journal import Actor, Query
 from deskfs.layout import db_path
+from deskfs.store import versions
 from deskfs.store.meta import connect_read_only
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,11 @@ MAX_CONNECTIONS = 1024  # in all: far below the daemon's descriptor limit, so th
 MAX_CONNECTIONS_PER_UID = 128  # one Unix user cannot crowd out the others
 # Requests anyone may make: registering a session names only the caller itself. Everything else is for
 # members, and a non-member learns nothing about the workspace from the refusal.
-OPEN_TO_ALL = frozenset({"session", "whoami"})
+OPEN_TO_ALL = frozenset({"session", "whoami", "unmounting"})  # unmounting: checks the uid itself
 SETTINGS = {
     journal.RETENTION: "a duration such as 30d, 12h or 90m, or forever",
     OWN_AGENTS: "editor, viewer or off",
+    **versions.SETTINGS,
 }
 
 
@@ -129,6 +134,8 @@ def check_setting(key: str, value: str) -> str:
         raise Refused(f"unknown setting {key!r} (known: {', '.join(SETTINGS)})", usage=True)
     if key == journal.RETENTION and (value == "forever" or journal.parse_duration(value)):
         return value
+    if key in versions.SETTINGS and versions.check_setting(key, value) is not None:
+        return value
     if key == OWN_AGENTS and value in ("editor", "viewer", "off"):
         return value
     raise Refused(f"{key} must be {SETTINGS[key]}, not {value!r}", usage=True)
@@ -156,6 +163,31 @@ async def apply_retention(store: Any, actor: Actor, pause: float) -> None:
     cutoff = time.time_ns() - int(retention * 1e9)
     while store.journal.prune(cutoff, actor):
         await trio.sleep(pause)
+
+
+GC_BATCH = 500  # versions dropped per turn of the mount
+
+
+async def collect_versions(store: Any, actor: Actor,
+                           progress: Callable[[int, int], Awaitable[None]] | None = None) -> tuple[int, int]:
+    """Apply the versions policy: plan in a worker thread (read-only), then drop a batch at a time,
+    committing and yielding to the mount between batches; journaled as `gc` when anything was dropped.
+    Returns (versions dropped, bytes freed)."""
+    disk = os.statvfs(store.path)
+    keep, cutoff, budget = store.versions.policy_now(disk.f_blocks * disk.f_frsize, time.time_ns())
+    store.commit()
+    doomed = await in_worker(store.path, lambda conn: versions.Versions.plan(conn, keep, cutoff, budget))
+    freed = 0
+    for start in range(0, len(doomed), GC_BATCH):
+        freed += store.versions.drop(doomed[start:start + GC_BATCH])
+        store.commit()
+        if progress is not None:
+            await progress(min(start + GC_BATCH, len(doomed)), len(doomed))
+        await trio.sleep(0)
+    if doomed:
+        store.journal.record(actor, "gc", dropped=len(doomed), freed=freed)
+        store.commit()
+    return len(doomed), freed
 
 
 async def in_worker(store_path: str, work: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -295,6 +327,19 @@ class Daemon:
     async def whoami(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
         await _send(stream, {"ok": True, "principal": actor.principal})
 
+    async def unmounting(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
+        if actor.uid not in (0, os.getuid()):
+            raise Refused("only root or the user who mounted this workspace may unmount it")
+        await self.ops.lease_locks.suspend()
+        try:
+            await _send(stream, {"ok": True})
+            while await stream.receive_some(4096):
+                pass  # the unmount is being tried meanwhile
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            self.ops.lease_locks.resume()
+
     # -- the journal --------------------------------------------------------------------------
 
     def _member(self, actor: Actor, op: str) -> None:
@@ -382,6 +427,52 @@ class Daemon:
                 entry["paths"].append(path)
         return sorted(active.values(), key=lambda e: e["principal"])
 
+    # -- versions -----------------------------------------------------------------------------
+
+    def _readable(self, actor: Actor, conn: sqlite3.Connection) -> Callable[[str], bool]:
+        readable = self.ops.access.reader_filter(actor, conn)
+        return (lambda path: True) if readable is None else readable.path_readable
+
+    async def versions(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
+        path = text_field(request, "path")
+        self.store.commit()  # what happened until now is in the answer
+        store_versions = self.store.versions
+
+        def work(conn: sqlite3.Connection) -> list[dict] | None:
+            if not self._readable(actor, conn)(path):
+                return None
+            return versions.describe(conn, store_versions, path)
+
+        found = await in_worker(self.store.path, work)
+        if found is None:
+            raise Refused(f"no file {path} you may read in this workspace")
+        await _send(stream, {"ok": True, "path": path, "versions": found})
+
+    async def trash(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
+        under = text_field(request, "path", "/")
+        self.store.commit()
+
+        def work(conn: sqlite3.Connection) -> list[dict]:
+            readable = self.ops.access.reader_filter(actor, conn)
+            shown = []
+            for entry in versions.Versions.trash(conn, under):
+                folder = entry.path.rsplit("/", 1)[0] or "/"
+                if readable is None or (readable.path_readable(folder)
+                                        and readable.allows(entry.mode, entry.uid, entry.gid, 4)):
+                    shown.append(entry.as_json())
+            return shown
+
+        await _send(stream, {"ok": True, "removed": await in_worker(self.store.path, work)})
+
+    async def gc(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
+        """Apply the versions policy now (owner only), a batch at a time, telling the client how far."""
+        if not self.ops.access.may_audit(actor.principal):
+            self.ops.journal.record(actor, "gc", errno=errno.EPERM)
+            raise Refused("only the owner of this workspace may collect old versions")
+        dropped, freed = await collect_versions(self.store, actor, progress=lambda done, total: _send(
+            stream, {"progress": done, "total": total}))
+        await _send(stream, {"ok": True, "dropped": dropped, "freed": freed})
+
     # -- settings and members -----------------------------------------------------------------
 
     async def config(self, stream: trio.SocketStream, actor: Actor, request: dict) -> None:
@@ -390,6 +481,8 @@ class Daemon:
             if key not in SETTINGS:
                 check_setting(key, "")
             current = self.ops.meta.setting(key)
+            if current is None and key in versions.DEFAULTS:
+                current = versions.DEFAULTS[key]
             await _send(stream, {"ok": True, "key": key, "value": current})
             return
         value = check_setting(key, value)
@@ -454,7 +547,9 @@ class Daemon:
             await trio.to_thread.run_sync(invalidate_pages, ino)
 
     HANDLERS: dict[str, Callable[["Daemon", trio.SocketStream, Actor, dict], Awaitable[None]]] = {
-        "session": session, "whoami": whoami, "log": log, "verify": verify, "status": status, "config": config,
+        "versions": versions, "trash": trash, "gc": gc,
+        "session": session, "whoami": whoami, "unmounting": unmounting,
+        "log": log, "verify": verify, "status": status, "config": config,
         "members": members, "invite": invite, "role": role, "remove": remove, "leave": leave,
         "transfer": transfer, "accept-transfer": accept_transfer, "cancel-transfer": cancel_transfer,
     }

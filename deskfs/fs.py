@@ -6,8 +6,10 @@ no lookup count and no open handle left. Each handler asks `access` (role) and `
 the caller may, does the change on the store, and tells the journal what happened or was refused.
 
 Must never: block (every handler is synchronous code between two awaits, so the loop stays atomic and
-no SQL or file call may wait on anything slow); let an exception other than FUSEError reach pyfuse3
-(it would end the mount); decide policy that belongs to the modules below.
+no SQL or file call may wait on anything slow; the one exception, a lease or an open waiting for the
+daemon's own open of a file, awaits while another pyfuse3 task serves: see lease_locks.py); let an
+exception other than FUSEError reach pyfuse3 (it would end the mount); decide policy that belongs to
+the modules below.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, Callable, Sequence
 
 import pyfuse3
@@ -26,11 +29,16 @@ import pyfuse3
 from deskfs import virtual_xattrs
 from deskfs.access import EDITOR, ROLE_OF_RANK, VIEWER, Access
 from deskfs.identity import Identity, LookupFailed, user_principal
-from deskfs.journal import Actor, Journal, daemon_actor, path_text
+from deskfs.journal import DAEMON_PRINCIPAL, Actor, Journal, daemon_actor, path_text
+from deskfs.lease_locks import LeaseLocks
 from deskfs.locks import Holder, KernelLocks, KernelLockWatcher, Leases, LockError, LockTable
 from deskfs.store import Store
 from deskfs.store.meta import ROOT_INODE, Inode
+from deskfs.store.versions import Deleted
 from deskfs.virtual_xattrs import VirtualXattrs
+from deskfs.versions_view import NAME as VIEW_NAME
+from deskfs.versions_view import VersionsView, is_view, view_ino
+from deskfs.versions_view import TOP as VIEW_TOP
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,9 @@ BLOCK_SIZE = 128 * 1024
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 PRIVILEGED_XATTR_NAMESPACES = (b"trusted.", b"security.")
 SECURITY_CAPABILITY = b"security.capability"
+VERSION_XATTR = b"user.deskfs.version"  # get: the file's version number
+RESTORE_XATTR = b"user.deskfs.restore"  # set N on a file: its version N becomes its next version
+UNDELETE_XATTR = b"user.deskfs.undelete"  # set "LINE NAME" on a folder: a removed file comes back as NAME
 SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
@@ -52,7 +63,10 @@ def fuse_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def handler(*args: Any) -> Any:
         try:
-            return fn(*args)
+            result = fn(*args)
+            if type(result) is CoroutineType:  # waits for the daemon's own open (lease_locks.py)
+                result = await result
+            return result
         except pyfuse3.FUSEError:
             raise
         except LockError as exc:
@@ -124,12 +138,12 @@ class Handle:
     """An open file: what `open`/`create` bound, for the requests that carry no context."""
 
     inode: Inode
-    fd: int
     flags: int
     actor: Actor
     path: str | None  # where it was opened: the journal's path once the file has no name left
     where: Callable[[], str | None]  # where it is now (where it was opened, if it has no name left)
     changed: bool = False  # wrote or truncated: its release is a close_write when it is the last such
+    created: bool = False  # made the file: the file's first version stays open until it is closed
 
     @property
     def principal(self) -> str:
@@ -170,7 +184,8 @@ class Operations(pyfuse3.Operations):
         self.lookups: dict[int, int] = {}
         self.handles: dict[int, Handle] = {}
         self.folder_handles: dict[int, tuple[int, Actor]] = {}  # opendir's handle -> (inode, who opened it)
-        self.changers: dict[int, int] = {}  # inode -> open handles that changed it (for close_write)
+        self.changers: dict[int, int] = {}  # inode -> open handles that made or changed it (for close_write)
+        self.changed_since_sealed: set[int] = set()  # inodes changed since their version was last sealed
         # Files that principals who lost read access still have open (and may have mapped): every change
         # drops their pages from the kernel's cache again, so a mapping cannot show what comes later.
         self.revoked: set[int] = set()
@@ -181,6 +196,10 @@ class Operations(pyfuse3.Operations):
         self.access = Access(store.conn, store.meta.begin, self.journal, self.identity.uid_of_agent,
                              self.identity.may_use_agent, store.owner_uid)
         self.leases = Leases(store.meta)
+        self.lease_locks = LeaseLocks(self.leases, store.meta, lambda: self.handles.values())
+        self.versions = store.versions
+        self.view = VersionsView(self.meta, self.versions)
+        self.view_handles: dict[int, tuple[int, int]] = {}  # open versions in the view: fh -> (fd, length)
         self.locks: LockTable | None = None  # needs the mount's device: see observe_kernel_locks
         self.virtual: VirtualXattrs | None = None
         self.lock_watcher: KernelLockWatcher | None = None
@@ -191,7 +210,9 @@ class Operations(pyfuse3.Operations):
         self.locks = LockTable(kernel, self.leases, self.meta.parents_of, ROOT_INODE,
                                lambda principal: self.access.role(principal) >= EDITOR)
         self.lock_watcher = KernelLockWatcher(kernel)
-        self.virtual = VirtualXattrs(self.identity, self.locks, self.meta, self.journal, self.access)
+        self.lease_locks.kernel = kernel
+        self.virtual = VirtualXattrs(self.identity, self.locks, self.meta, self.journal, self.access,
+                                     self.lease_locks)
 
     # -- identity, locks and the journal ------------------------------------------------------
 
@@ -211,7 +232,7 @@ class Operations(pyfuse3.Operations):
     def _require(self, actor: Actor, need: int, op: str, ino: int | None, path: PathOrLater) -> None:
         """EACCES, journaled, unless `actor`'s role in the workspace is at least `need`."""
         role = self.access.role(actor.principal)
-        if role < need:
+        if role < need and actor.pid != self.lease_locks.opener_tid:  # the daemon opening for a lease
             self.journal.record(actor, op, ino, resolved(path), errno=errno.EACCES, role=ROLE_OF_RANK[role])
             raise fail(errno.EACCES)
 
@@ -279,6 +300,60 @@ class Operations(pyfuse3.Operations):
     def _entry_timeout(self, parent: int) -> float:
         return 0.0 if self.shared and parent == ROOT_INODE else CACHE_TIMEOUT
 
+    # -- the read-only view of versions (.deskfs) ---------------------------------------------
+
+    @staticmethod
+    def _not_in_view(*inodes: int | None) -> None:
+        """EROFS for any change that touches the `.deskfs` view."""
+        if any(ino is not None and is_view(ino) for ino in inodes):
+            raise fail(errno.EROFS)
+
+    @staticmethod
+    def _not_reserved(parent: int, name: bytes, code: int) -> None:
+        """`code` (EEXIST to make, EPERM to remove or rename) for the name `.deskfs` at the root."""
+        if parent == ROOT_INODE and name == VIEW_NAME:
+            raise fail(code)
+
+    def _view_attributes(self, ino: int) -> pyfuse3.EntryAttributes:
+        entry = self.view.attributes(ino)
+        if entry is None:
+            raise fail(errno.ENOENT)
+        return entry
+
+    def _view_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            ino: int | None = parent
+        elif name == b"..":
+            ino = self.view.parent(parent)
+        elif parent == ROOT_INODE:
+            ino = view_ino(VIEW_TOP)
+        else:
+            check_name(name)
+            ino = self.view.lookup(parent, name)
+        if ino is None:
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = 0
+            return entry
+        if not is_view(ino):
+            return self._counted(self._inode(ino), self.meta.parent_of(ino))
+        return self._view_attributes(ino)
+
+    def move_aside_reserved_name(self) -> str | None:
+        """A real `.deskfs` at the root (from before versions) is renamed to `.deskfs.saved` (or
+        `.deskfs.saved-N`), so the view can take the name; returns the new name, journaled."""
+        ino = self.meta.lookup(ROOT_INODE, VIEW_NAME)
+        if ino is None:
+            return None
+        for n in range(1, 10_000):
+            new = VIEW_NAME + (b".saved" if n == 1 else f".saved-{n}".encode())
+            if self.meta.lookup(ROOT_INODE, new) is None:
+                break
+        self.meta.move_entry(ROOT_INODE, VIEW_NAME, ROOT_INODE, new, ino)
+        self.journal.record(daemon_actor(), "rename", ino, "/.deskfs", "/" + new.decode(),
+                            reason="the name .deskfs is the versions view now")
+        return new.decode()
+
     def _entry(self, inode: Inode, parent: int) -> pyfuse3.EntryAttributes:
         """Attributes of `inode` as the entry of a name in folder `parent`."""
         entry = self._attributes(inode)
@@ -297,6 +372,7 @@ class Operations(pyfuse3.Operations):
         inode = self.meta.cache.get(ino)
         if inode is None:
             return
+        self.versions.forget(ino)
         if inode.nlink > 0:
             self.meta.evict(ino)
             return
@@ -305,7 +381,9 @@ class Operations(pyfuse3.Operations):
             self.journal.record(daemon_actor(), "unlock", ino, None, kind="lease", holder=holder, reason="file deleted")
         self._with_capabilities.discard(ino)
         if inode.is_regular:
-            self.content.delete(ino)
+            # Only once the commit that forgets the file is in: before it, a crash would leave the file
+            # named but with its content gone.
+            self.store.after_commit(lambda: self.content.delete(ino))
 
     def _touch(self, inode: Inode, now: int) -> None:
         inode.touch_content(now)
@@ -315,6 +393,8 @@ class Operations(pyfuse3.Operations):
               **details: object) -> tuple[Inode, str | None]:
         """A new inode named `name` in `parent`, journaled as `op` with `details`; and its path."""
         check_name(name)
+        self._not_in_view(parent)
+        self._not_reserved(parent, name, errno.EEXIST)
         folder = self._inode(parent)
         if self.meta.lookup(parent, name) is not None:
             raise fail(errno.EEXIST)
@@ -336,11 +416,17 @@ class Operations(pyfuse3.Operations):
         self.journal.record(actor, op, inode.id, path, mode=f"{stat.S_IMODE(mode):04o}", **details)
         return inode, path
 
-    def _drop_link(self, inode: Inode, now: int) -> None:
+    def _drop_link(self, inode: Inode, now: int, by: Actor | None = None, path: str | None = None,
+                   parent: int = ROOT_INODE) -> None:
+        """One name of `inode` fewer; when none is left, a regular file's content goes to the trash
+        (as its last version), and the inode is freed once nothing refers to it."""
         inode.nlink = 0 if inode.is_dir else inode.nlink - 1
         inode.ctime_ns = now
         self.meta.changed(inode)
         if inode.nlink == 0:
+            if inode.is_regular and by is not None:
+                self.versions.removed(inode.id, by.principal, path, parent, inode.mode, inode.uid, inode.gid, now)
+            self.lease_locks.gone(inode.id)
             self._release_if_unreferenced(inode.id)
 
     def _drop_set_id(self, inode: Inode, actor: Actor, gid: int, op: str) -> None:
@@ -362,20 +448,43 @@ class Operations(pyfuse3.Operations):
         except OSError:
             pass  # it holds nothing of this inode
 
-    def _truncate(self, inode: Inode, size: int, now: int) -> None:
+    def _truncate(self, inode: Inode, size: int, now: int, principal: str, reason: str) -> None:
         if not inode.is_regular:
             raise fail(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        if size != inode.size:
+            self._version_before(inode, principal, size, now, reason, whole=size == 0)
         self.content.truncate(inode.id, size, inode.size)
         inode.size = size
         self._touch(inode, now)
 
+    def _version_before(self, inode: Inode, principal: str, start: int, now: int, reason: str,
+                        whole: bool = False) -> None:
+        """Before a change of `inode`'s content from byte `start` on (`whole`: all of it is replaced, as
+        by a truncate to 0): start a new version if the current one is sealed, keeping what the old one
+        needs (docs/versions.md).
+
+        A file with no name left (removed or replaced while open) has no versions any more; its last
+        content was kept as a second name of its body, which it now stops sharing before it changes."""
+        if inode.nlink == 0:
+            self.content.detach(inode.id)
+            return
+        if whole:
+            if self.versions.keep_whole_body(inode.id, inode.size, principal, now, reason):
+                self.store.commit()  # the kept body is named durably before the live one is replaced
+                self.content.replace_body(inode.id)
+            return
+        if self.versions.before_change(inode.id, principal, now, inode.size, start, reason):
+            self.store.commit()  # what was copied out is named durably before the body changes
+
     def _new_handle(self, inode: Inode, flags: int, actor: Actor, path: str | None,
-                    truncated: bool = False) -> pyfuse3.FileInfo:
-        fd = self.content.acquire(inode.id)
+                    truncated: bool = False, created: bool = False) -> pyfuse3.FileInfo:
+        self.content.acquire(inode.id)
         fh = self._next_fh
         self._next_fh += 1
         where = lambda: self.path_of(inode.id) or path  # noqa: E731
-        handle = self.handles[fh] = Handle(inode, fd, flags, actor, path, where)
+        handle = self.handles[fh] = Handle(inode, flags, actor, path, where, created=created)
+        if created:
+            self.changers[inode.id] = self.changers.get(inode.id, 0) + 1
         if truncated:
             self._mark_changed(handle)
         # A write-only handle bypasses the page cache: each write() is then one request instead of two
@@ -411,6 +520,8 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._require(self._actor(ctx), VIEWER, "lookup", parent, lambda: self._child_path(parent, name))
+        if is_view(parent) or (parent == ROOT_INODE and name == VIEW_NAME):
+            return self._view_lookup(parent, name)
         if name == b".":
             ino: int | None = parent
         elif name == b"..":
@@ -441,7 +552,7 @@ class Operations(pyfuse3.Operations):
         actor = self._actor(ctx)
         if ino != ROOT_INODE:  # anyone may see the mount's root itself; nothing below it
             self._require(actor, VIEWER, "getattr", ino, lambda: self.path_of(ino))
-            return self._attributes(self._inode(ino))
+            return self._view_attributes(ino) if is_view(ino) else self._attributes(self._inode(ino))
         attributes = self._attributes(self._inode(ino))
         if self.shared and self.access.role(actor.principal) < VIEWER:
             # To a non-member the root is a folder it may pass but not read: the kernel then refuses it
@@ -458,6 +569,7 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        self._not_in_view(ino)
         inode = self._inode(ino)
         handle = self.handles.get(fh) if fh is not None else None
         actor = handle.actor if handle is not None else self._actor(ctx)
@@ -467,10 +579,12 @@ class Operations(pyfuse3.Operations):
         now = time.time_ns()
         changes: dict[str, object] = {}
         if fields.update_size:
-            self._truncate(inode, attr.st_size, now)
+            self._truncate(inode, attr.st_size, now, actor.principal, "truncate")
             changes["size"] = attr.st_size
             if handle is not None:
                 self._mark_changed(handle)
+            elif ino not in self.changers:  # truncate(path): nobody has it open to change it further
+                self.versions.sealed(ino)
             if inode.mode & SET_ID_BITS and not fields.update_mode:
                 self._drop_set_id(inode, self._actor(ctx), ctx.gid, "truncate")
         if fields.update_mode:
@@ -492,6 +606,8 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
         self._require(self._actor(ctx), VIEWER, "readlink", ino, lambda: self.path_of(ino))
+        if is_view(ino):
+            raise fail(errno.EINVAL)
         target = self.meta.symlink_target(ino)
         if target is None:
             raise fail(errno.EINVAL)
@@ -542,6 +658,8 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def link(self, ino: int, new_parent: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         check_name(new_name)
+        self._not_in_view(ino, new_parent)
+        self._not_reserved(new_parent, new_name, errno.EEXIST)
         inode = self._inode(ino)
         if inode.is_dir:
             raise fail(errno.EPERM)
@@ -562,6 +680,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._not_in_view(parent)
+        self._not_reserved(parent, name, errno.EPERM)
         inode = self._child(parent, name)
         if inode.is_dir:
             raise fail(errno.EISDIR)
@@ -572,10 +692,12 @@ class Operations(pyfuse3.Operations):
         self.journal.record(actor, "unlink", inode.id, path)
         self.meta.remove_entry(parent, name, inode.id)
         self._touch(self._inode(parent), now)
-        self._drop_link(inode, now)
+        self._drop_link(inode, now, actor, path, parent)
 
     @fuse_handler
     def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._not_in_view(parent)
+        self._not_reserved(parent, name, errno.EPERM)
         inode = self._child(parent, name)
         if not inode.is_dir:
             raise fail(errno.ENOTDIR)
@@ -602,6 +724,9 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        self._not_in_view(parent_old, parent_new)
+        self._not_reserved(parent_old, name_old, errno.EPERM)
+        self._not_reserved(parent_new, name_new, errno.EPERM)
         moved = self._child(parent_old, name_old)
         check_name(name_new)
         target_ino = self.meta.lookup(parent_new, name_new)
@@ -633,7 +758,9 @@ class Operations(pyfuse3.Operations):
             self.meta.remove_entry(parent_new, name_new, target_ino)
             if replaced.is_dir:
                 new_folder.nlink -= 1
-            self._drop_link(replaced, now)
+            if replaced.is_regular and moved.is_regular and replaced.nlink == 1:
+                self.versions.replaced(target_ino, moved.id, path, actor.principal, now)
+            self._drop_link(replaced, now, actor, new_path, parent_new)
         self.journal.record(actor, "rename", moved.id, path, new_path,
                             **({"replaced_inode": target_ino} if target_ino is not None else {}))
         self.meta.move_entry(parent_old, name_old, parent_new, name_new, moved.id)
@@ -648,7 +775,9 @@ class Operations(pyfuse3.Operations):
     def _mark_changed(self, handle: Handle) -> None:
         if not handle.changed:
             handle.changed = True
-            self.changers[handle.inode.id] = self.changers.get(handle.inode.id, 0) + 1
+            self.changed_since_sealed.add(handle.inode.id)
+            if not handle.created:  # a creating handle is counted already
+                self.changers[handle.inode.id] = self.changers.get(handle.inode.id, 0) + 1
 
     def _check_replaceable(self, moved: Inode, replaced: Inode) -> None:
         if moved.is_dir and not replaced.is_dir:
@@ -683,6 +812,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if is_view(ino):
+            return self._open_version(ino, flags, ctx)
+        if ctx.pid == self.lease_locks.opener_tid:  # the daemon's own descriptor, for a lease's kernel locks
+            fh = self._next_fh
+            self._next_fh += 1
+            self.lease_locks.own_handles.add(fh)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         inode = self._inode(ino)
         actor, path = self._actor(ctx), self.path_of(ino)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
@@ -690,11 +826,22 @@ class Operations(pyfuse3.Operations):
         self._require(actor, EDITOR if writing else VIEWER, "open", ino, path)
         if truncating:
             self._check_change(actor, "open", path, ino)
-            self._truncate(inode, 0, time.time_ns())
+            self._truncate(inode, 0, time.time_ns(), actor.principal, "open_trunc")
             if inode.mode & SET_ID_BITS:
                 self._drop_set_id(inode, actor, ctx.gid, "open")
         self.journal.record(actor, "open", ino, path, **open_details(flags))
-        return self._new_handle(inode, flags, actor, path, truncated=truncating)
+        info = self._new_handle(inode, flags, actor, path, truncated=truncating)
+        return self.lease_locks.opened(ino, flags, info)  # may first lock it for a folder's lease
+
+    def _open_version(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise fail(errno.EROFS)
+        self._require(self._actor(ctx), VIEWER, "open", ino, None)
+        fd, size = self.view.open(ino)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.view_handles[fh] = (fd, size)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
     @fuse_handler
     def create(
@@ -703,14 +850,18 @@ class Operations(pyfuse3.Operations):
         actor = self._actor(ctx)
         inode, path = self._make("create", parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, actor, ctx,
                                  **open_details(flags))
-        return self._new_handle(inode, flags, actor, path), self._counted(inode, parent)
+        self.versions.created(inode.id, actor.principal, inode.ctime_ns)
+        return self._new_handle(inode, flags, actor, path, created=True), self._counted(inode, parent)
 
     @fuse_handler
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        if fh in self.view_handles:
+            fd, length = self.view_handles[fh]
+            return os.pread(fd, max(0, min(size, length - offset)), offset) if offset < length else b""
         handle = self.handles[fh]
         where = handle.where
         self._require(handle.actor, VIEWER, "read", handle.inode.id, where)
-        data = os.pread(handle.fd, size, offset)
+        data = os.pread(self.content.fd(handle.inode.id), size, offset)
         self.journal.tally(fh, "read", handle.actor, handle.inode.id, where, offset, len(data))
         return data
 
@@ -722,10 +873,14 @@ class Operations(pyfuse3.Operations):
         self._check_change(handle.actor, "write", handle.where, inode.id)
         if inode.mode & SET_ID_BITS:
             self._drop_set_id(inode, handle.actor, -1, "write")
-        written = self.content.write(inode.id, handle.fd, offset, data, inode.size)
+        now = time.time_ns()
+        line = self.versions.lines.get(inode.id)
+        if line is None or line.sealed or offset < line.protected or line.writer != handle.principal:
+            self._version_before(inode, handle.principal, offset, now, "write")
+        written = self.content.write(inode.id, self.content.fd(inode.id), offset, data, inode.size)
         if offset + written > inode.size:
             inode.size = offset + written
-        self._touch(inode, time.time_ns())
+        self._touch(inode, now)
         self._mark_changed(handle)
         self.journal.tally(fh, "write", handle.actor, inode.id, handle.where, offset, written)
         if inode.id in self.revoked:
@@ -739,25 +894,36 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def release(self, fh: int) -> None:
+        if fh in self.view_handles:
+            os.close(self.view_handles.pop(fh)[0])
+            return
+        if fh in self.lease_locks.own_handles:
+            self.lease_locks.own_handles.remove(fh)
+            return
         handle = self.handles.pop(fh)
         self.journal.end_tallies(fh)
-        if handle.changed:
-            ino = handle.inode.id
+        ino = handle.inode.id
+        if handle.changed or handle.created:
             self.changers[ino] -= 1
             if not self.changers[ino]:
                 del self.changers[ino]
-                self.journal.record(handle.actor, "close_write", ino, handle.where(),
-                                    size=handle.inode.size)
-        ino = handle.inode.id
+                number = self.versions.sealed(ino)
+                if ino in self.changed_since_sealed:
+                    self.changed_since_sealed.discard(ino)
+                    self.journal.record(handle.actor, "close_write", ino, handle.where(),
+                                        size=handle.inode.size, version=number)
         if ino in self.revoked and not any(h.inode.id == ino and self.access.role(h.principal) < VIEWER
                                            for h in self.handles.values()):
             self.revoked.discard(ino)
         self.content.release(ino)
         self._release_if_unreferenced(ino)
+        self.lease_locks.closed(ino)
 
     @fuse_handler
     def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self.handles[fh].fd
+        if fh in self.view_handles:
+            return
+        fd = self.content.fd(self.handles[fh].inode.id)
         if datasync:
             os.fdatasync(fd)
         else:
@@ -770,7 +936,10 @@ class Operations(pyfuse3.Operations):
     def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
         actor = self._actor(ctx)
         self._require(actor, VIEWER, "opendir", ino, lambda: self.path_of(ino))
-        if not self._inode(ino).is_dir:
+        if is_view(ino):
+            if not stat.S_ISDIR(self._view_attributes(ino).st_mode):
+                raise fail(errno.ENOTDIR)
+        elif not self._inode(ino).is_dir:
             raise fail(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
@@ -781,6 +950,9 @@ class Operations(pyfuse3.Operations):
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         ino, actor = self.folder_handles[fh]
         self._require(actor, VIEWER, "readdir", ino, lambda: self.path_of(ino))  # a role may end while open
+        if is_view(ino):
+            self._view_readdir(ino, start_id, token)
+            return
         # Cookies: 1 after ".", 2 after "..", then 2 + the entry's rowid (stable under concurrent changes).
         # "." and ".." take no lookup reference (the kernel does not count them).
         if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attributes(self._inode(ino)), 1):
@@ -799,6 +971,16 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._entry(inode, ino), cookie + 2):
                     return
                 self.lookups[child] = self.lookups.get(child, 0) + 1
+
+    def _view_readdir(self, ino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """A view folder's listing: ".", "..", then its entries (cookie = 3 + their index). View inodes
+        take no lookup reference: nothing is freed when the kernel forgets them."""
+        parent = self.view.parent(ino)
+        listing = [(b".", ino), (b"..", parent)] + self.view.entries(ino)
+        for cookie, (name, child) in enumerate(listing[start_id:], start=start_id + 1):
+            entry = self._view_attributes(child) if is_view(child) else self._attributes(self._inode(child))
+            if not pyfuse3.readdir_reply(token, name, entry, cookie):
+                return
 
     @fuse_handler
     def releasedir(self, fh: int) -> None:
@@ -825,6 +1007,12 @@ class Operations(pyfuse3.Operations):
         actor = self._actor(ctx)
         if name != virtual_xattrs.WHOAMI:
             self._require(actor, VIEWER, "getxattr", ino, lambda: self.path_of(ino))
+        if is_view(ino):
+            raise fail(errno.ENODATA)
+        if name == VERSION_XATTR:
+            if not self._inode(ino).is_regular:
+                raise fail(errno.ENODATA)
+            return str(self.versions.ensure_line(ino, DAEMON_PRINCIPAL, time.time_ns()).current).encode()
         if virtual_xattrs.is_virtual(name) and self.virtual is not None:
             return self.virtual.get(ino, name, actor)
         self._check_xattr_name(name, ctx, changing=False)
@@ -836,6 +1024,8 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._require(self._actor(ctx), VIEWER, "listxattr", ino, lambda: self.path_of(ino))
+        if is_view(ino):
+            return []
         names = self.meta.xattr_names(ino)
         if ctx.uid != 0:
             names = [n for n in names if not n.startswith(b"trusted.")]
@@ -843,14 +1033,20 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._not_in_view(ino)
         self._check_xattr_name(name, ctx, changing=True)
         if len(value) > XATTR_SIZE_MAX:
             raise fail(errno.E2BIG)
         inode = self._inode(ino)
         actor = self._actor(ctx)
-        if virtual_xattrs.is_virtual(name) and self.virtual is not None:
-            self.virtual.set(ino, name, value, actor, self.path_of(ino))
+        if name == RESTORE_XATTR:
+            self._restore(inode, value, actor)
             return
+        if name == UNDELETE_XATTR:
+            self._undelete(inode, value, actor, ctx)
+            return
+        if virtual_xattrs.is_virtual(name) and self.virtual is not None:
+            return self.virtual.set(ino, name, value, actor, self.path_of(ino))  # a lease may wait for an open
         path = self.path_of(ino)
         self._require(actor, EDITOR, "setxattr", ino, path)
         self._check_change(actor, "setxattr", path, ino)
@@ -863,8 +1059,88 @@ class Operations(pyfuse3.Operations):
         self.journal.record(actor, "setxattr", ino, path, name=name.decode("utf-8", "backslashreplace"),
                             size=len(value))
 
+    def _restore(self, inode: Inode, value: bytes, actor: Actor) -> None:
+        """Make version N of a file its next version; the current content stays a version. The kernel
+        has checked that the caller may write the file (setting a user.* attribute needs that)."""
+        if not inode.is_regular:
+            raise fail(errno.EINVAL)
+        try:
+            number = int(value.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise fail(errno.EINVAL) from None
+        path = self.path_of(inode.id)
+        self._require(actor, EDITOR, "restore", inode.id, path)
+        self._check_change(actor, "restore", path, inode.id)
+        version = self.versions.version(inode.id, number) if number > 0 else None
+        if version is None:
+            raise fail(errno.ENOENT)
+        if version.ended_ns is None:
+            return  # it is the current version already
+        now = time.time_ns()
+        source, size = self.versions.open_version(version)  # before the live body may be replaced
+        try:
+            self.versions.sealed(inode.id)  # the current content is a version of its own from now on
+            self._version_before(inode, actor.principal, 0, now, "restore", whole=True)
+            self.content.guard.claim(size)
+            target = self.content.acquire(inode.id)
+            try:
+                os.ftruncate(target, 0)
+                copied = 0
+                while copied < size:
+                    n = os.copy_file_range(source, target, size - copied, copied, copied)
+                    if n == 0:
+                        break
+                    copied += n
+            finally:
+                self.content.release(inode.id)
+        finally:
+            os.close(source)
+        inode.size = size
+        self._touch(inode, now)
+        line = self.versions.restored(inode.id, actor.principal, now)
+        self.journal.record(actor, "restore", inode.id, path, version=line.current, restored=number, size=size)
+        self.drop_pages(inode.id)
+
+    def _undelete(self, folder: Inode, value: bytes, actor: Actor, ctx: pyfuse3.RequestContext) -> None:
+        """Bring a removed file (its history line) back as NAME in `folder`. The kernel has checked that
+        the caller may write the folder."""
+        if not folder.is_dir:
+            raise fail(errno.ENOTDIR)
+        line_text, _, name = value.partition(b" ")
+        if not line_text.isdigit() or not name or b"/" in name or name in (b".", b".."):
+            raise fail(errno.EINVAL)
+        check_name(name)
+        self._not_reserved(folder.id, name, errno.EEXIST)
+        if self.meta.lookup(folder.id, name) is not None:
+            raise fail(errno.EEXIST)
+        path = self._child_path(folder.id, name)
+        self._require(actor, EDITOR, "undelete", folder.id, path)
+        self._check_change(actor, "undelete", path, folder.id)
+        removed = self.versions.removed_line(int(line_text))
+        if removed is None or not self._may_read_removed(actor, removed):
+            raise fail(errno.ENOENT)  # a file it may not read is as good as none: nothing is revealed
+        now = time.time_ns()
+        inode = self.meta.new_inode(stat.S_IFREG | stat.S_IMODE(removed.mode), removed.uid, removed.gid, 0, now)
+        self.meta.add_entry(folder.id, name, inode.id)
+        self._touch(folder, now)
+        self.content.guard.claim(removed.size)
+        inode.size = self.versions.take_body_back(removed.line, self.content.path(inode.id))
+        self.meta.changed(inode)
+        self.versions.undeleted(removed.line, inode.id, actor.principal, now)
+        self.journal.record(actor, "undelete", inode.id, path, version=removed.number, removed=removed.path)
+        pyfuse3.invalidate_entry_async(folder.id, name, ignore_enoent=True)  # the kernel may remember a miss
+
+    def _may_read_removed(self, actor: Actor, removed: Deleted) -> bool:
+        """Whether `actor` could read the removed file where it was: its folder now, its mode then."""
+        readable = self.access.reader_filter(actor, self.meta.conn)
+        if readable is None:
+            return True
+        folder = removed.path.rsplit("/", 1)[0] or "/"
+        return readable.path_readable(folder) and readable.allows(removed.mode, removed.uid, removed.gid, 4)
+
     @fuse_handler
     def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._not_in_view(ino)
         self._check_xattr_name(name, ctx, changing=True)
         inode = self._inode(ino)
         actor = self._actor(ctx)

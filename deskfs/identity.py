@@ -98,6 +98,18 @@ def process_stat(pid: int) -> tuple[int, int] | None:
     return int(fields[19]), int(fields[1])
 
 
+def thread_group(tid: int) -> int:
+    """The process (thread group) a thread id belongs to; `tid` itself for a process, or if it is gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
+
+
 def process_uid(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}").st_uid
@@ -264,6 +276,7 @@ class Identity:
         return self._session_by_ancestry(pid, uid) or self._session_by_token(pid, uid)
 
     def _session_by_ancestry(self, pid: int, uid: int) -> Session | None:
+        pid = thread_group(pid)  # a thread's parent in /proc is its process's parent: start at the process
         for _ in range(MAX_ANCESTRY):
             found = process_stat(pid)
             if found is None:

@@ -84,6 +84,7 @@ OPS: dict[str, str] = {
     "head_mismatch": "found the journal short of its signed head",
     "refusals_suppressed": "was refused more often than the journal itemises",
     "control": "asked the daemon",
+    "restore": "restored", "undelete": "brought back", "gc": "collected old versions",
     "invite": "invited", "role": "changed role of", "remove": "removed member", "leave": "left",
     "transfer": "offered ownership to", "accept_transfer": "accepted ownership",
     "cancel_transfer": "cancelled the ownership offer to",
@@ -93,7 +94,7 @@ OPS: dict[str, str] = {
 }
 # What changes the tree: the records `deskfs status` shows as recent changes.
 CHANGE_OPS = ("close_write", "create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename",
-              "setattr", "setxattr", "removexattr")
+              "setattr", "setxattr", "removexattr", "restore", "undelete")
 
 
 class Actor(NamedTuple):

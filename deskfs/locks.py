@@ -2,7 +2,8 @@
 
 Kernel locks (`flock`, `fcntl`, OFD) on the mount are enforced by the kernel among local processes; this
 module only observes them in `/proc/locks` (filtered by the mount's device) and attributes each to its
-holder's principal. Leases are deskfs's own: taken through the `user.deskfs.lock` xattr, the CLI or MCP,
+holder's principal, except the daemon's own, which stand for leases (`lease_locks.py`) and are
+left out. Leases are deskfs's own: taken through the `user.deskfs.lock` xattr, the CLI or MCP,
 kept in SQLite (they survive a restart), ended by release, expiry, `break`, or the end of the
 `deskfs run` session that took them.
 
@@ -133,6 +134,8 @@ class KernelLocks:
     def __init__(self, device: tuple[int, int], principal_of_pid: Callable[[int], str]) -> None:
         self._token = f" {device[0]:02x}:{device[1]:02x}:".encode()
         self._principal_of_pid = principal_of_pid
+        # The daemon's own locks stand for leases (lease_locks.py): the leases are their holders, not it.
+        self._own_pid = str(os.getpid()).encode()
         self._fd = os.open("/proc/locks", os.O_RDONLY | os.O_CLOEXEC)
         self._first_seen: dict[tuple, int] = {}
         self._attributed: dict[tuple, tuple[str, int]] = {}  # lock -> (principal, pid), fixed at first sight
@@ -163,6 +166,8 @@ class KernelLocks:
             if self._token not in line or b"->" in line:
                 continue
             fields = line.split()
+            if fields[4] == self._own_pid:
+                continue
             kind, mode, pid = fields[1].decode(), fields[3], int(fields[4])
             inode = int(fields[5].rsplit(b":", 1)[1])
             whole = kind == "FLOCK" or (fields[6] == b"0" and fields[7] == b"EOF")
@@ -214,6 +219,8 @@ class Leases:
         conn.executescript(SCHEMA)
         self._conn = conn
         self._begin = meta.begin
+        self.changed: Callable[[int], None] = lambda inode: None  # told after leases of an inode ended
+        self.version = 0  # counts every change of by_inode (for caches of what it holds)
         self.by_inode: dict[int, dict[str, Holder]] = {}
         self._sessions: dict[tuple[int, str], int | None] = {}
         now = time.time_ns()
@@ -227,6 +234,7 @@ class Leases:
         change()
 
     def _remember(self, inode: int, holder: Holder, session: int | None) -> None:
+        self.version += 1
         self.by_inode.setdefault(inode, {})[holder.principal] = holder
         self._sessions[(inode, holder.principal)] = session
 
@@ -234,16 +242,20 @@ class Leases:
         now = time.time_ns()
         return [h for h in self.by_inode.get(inode, {}).values() if h.expires_ns > now]
 
-    def take(self, inode: int, principal: str, pid: int, request: LeaseRequest, session: int | None,
-             others: list[Holder]) -> Holder:
-        """Take or renew `principal`'s lease; `others` are the kernel locks on the inode."""
-        mine = self.by_inode.get(inode, {}).get(principal)
+    def check(self, inode: int, principal: str, request: LeaseRequest, others: list[Holder]) -> None:
+        """LockError(EBUSY) if `principal` may not take the lease now; `others` are the kernel locks on it."""
         current = self.held(inode)
         if request.only_if_free and current:
             raise LockError(errno.EBUSY, "already locked")
         for holder in current + others:
             if holder.principal != principal and holder.whole and conflicts(request.mode, holder):
                 raise LockError(errno.EBUSY, f"locked by {holder.principal}")
+
+    def take(self, inode: int, principal: str, pid: int, request: LeaseRequest, session: int | None,
+             others: list[Holder]) -> Holder:
+        """Take or renew `principal`'s lease; `others` are the kernel locks on the inode."""
+        mine = self.by_inode.get(inode, {}).get(principal)
+        self.check(inode, principal, request, others)
         now = time.time_ns()
         since = mine.since_ns if mine is not None and mine.expires_ns > now else now
         holder = Holder("lease", request.mode, principal, pid, since, now + request.ttl * 1_000_000_000, True)
@@ -288,6 +300,7 @@ class Leases:
         return holders
 
     def _forget(self, inode: int, principals: Iterable[str]) -> None:
+        self.version += 1
         held = self.by_inode.get(inode, {})
         for principal in principals:
             held.pop(principal, None)
@@ -296,6 +309,7 @@ class Leases:
                 "DELETE FROM leases WHERE inode=? AND principal=?", (inode, p)))
         if not held:
             self.by_inode.pop(inode, None)
+        self.changed(inode)
 
 
 class KernelLockWatcher:
@@ -391,6 +405,17 @@ class LockTable:
                 for holder in self._binding(kernel.get(folder, []) + self.leases.held(folder), principal):
                     if holder.mode == EXCLUSIVE:
                         return holder
+        return None
+
+    def blocker_above(self, inode: int, principal: str) -> Holder | None:
+        """Another principal's exclusive lock on a folder above `inode`, which forbids a lease on it."""
+        kernel = self.kernel.held()
+        if not kernel and not self.leases.by_inode:
+            return None
+        for folder in self._ancestors(inode) & (set(kernel) | set(self.leases.by_inode)):
+            for holder in self._binding(kernel.get(folder, []) + self.leases.held(folder), principal):
+                if holder.mode == EXCLUSIVE:
+                    return holder
         return None
 
     def blocker_below(self, folder: int, principal: str) -> Holder | None:

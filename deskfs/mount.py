@@ -2,7 +2,7 @@
 
 Owns the daemon's life: checking the mountpoint, running fsck after an unclean stop, mounting, the
 background tasks (commit window, lease expiry, the kernel lock watcher, journal retention, the control
-socket), stopping on a signal or an external unmount, and the clean-shutdown mark.
+socket, the lease locks' upkeep), stopping on a signal or an external unmount, and the clean-shutdown mark.
 
 Must never: stat the mountpoint once `pyfuse3.init` has mounted it and before `main()` serves (that
 deadlocks); leave the store marked clean after anything but an orderly close.
@@ -35,6 +35,8 @@ COMMIT_INTERVAL = 0.05  # seconds; a metadata change is durable against a daemon
 LEASE_EXPIRY_INTERVAL = 0.25  # seconds between sweeps of expired leases
 LOCK_WATCH_INTERVAL = 0.05  # seconds between looks at /proc/locks for the journal
 RETENTION_INTERVAL = 60.0  # seconds between applications of journal.retention
+FUSE_TASKS = 32  # pyfuse3 tasks at most: handlers waiting for the daemon's own opens, plus one serving
+VERSIONS_GC_INTERVAL = 60.0  # seconds between applications of the versions policy
 
 
 
@@ -93,6 +95,9 @@ def serve(
         if not store.was_clean:
             store.journal.record(daemon_actor(), "fsck", repairs=repairs)
         operations = Operations(store, shared=allow_other)
+        moved = operations.move_aside_reserved_name()
+        if moved is not None:
+            log.warning("the root's own .deskfs is now %s (the name .deskfs shows versions)", moved)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options(store, allow_other))
         except RuntimeError as exc:
@@ -108,12 +113,12 @@ def serve(
         store.close(clean=store.was_clean)
         raise
     log.info("mounted %s at %s", store.path, mountpoint)
-    ready(repairs)
     poller = RequestPoller(fuse_device_fd(), busy_poll_us / 1e6) if busy_poll_us > 0 else None
     if poller is not None:
         poller.install()
     try:
-        trio.run(_run, store, operations, commit_interval)
+        # Ready once the restored leases hold their kernel locks again (lease_locks.py).
+        trio.run(_run, store, operations, commit_interval, mountpoint, mount.device, lambda: ready(repairs))
     finally:
         if poller is not None:
             poller.uninstall()
@@ -123,7 +128,8 @@ def serve(
         log.info("unmounted %s", mountpoint)
 
 
-async def _run(store: Store, operations: Operations, commit_interval: float) -> None:
+async def _run(store: Store, operations: Operations, commit_interval: float, mountpoint: str,
+               device: tuple[int, int], ready: Callable[[], None]) -> None:
     feed = control.RecordFeed()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_commit_window, store, feed, commit_interval)
@@ -132,9 +138,15 @@ async def _run(store: Store, operations: Operations, commit_interval: float) -> 
         nursery.start_soon(_apply_retention, store)
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(_drop_revoked_pages, operations)
+        nursery.start_soon(_collect_versions, store)
         await nursery.start(control.serve(control_socket_path(store.path), operations, feed))
-        # Handlers never await, so one task serves requests best (no task switching per request).
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.start_soon(operations.lease_locks.run, mountpoint, device, ready)
+        # Handlers never await, but for a lease (or an open) waiting for the daemon's own open of a
+        # file, which another task must serve meanwhile: pyfuse3 keeps a second task waiting for the
+        # next request (about 3 µs a request: docs/identity-and-locks.md), and starts more
+        # only while handlers wait.
+        operations.lease_locks.max_awaiting = FUSE_TASKS - 2
+        await pyfuse3.main(min_tasks=1, max_tasks=FUSE_TASKS)
         nursery.cancel_scope.cancel()
 
 
@@ -201,6 +213,16 @@ async def _drop_revoked_pages(operations: Operations) -> None:
         wanted.clear()
         for ino in inodes:
             await trio.to_thread.run_sync(control.invalidate_pages, ino)
+
+
+async def _collect_versions(store: Store) -> None:
+    """Apply the versions policy in the background, a batch per turn, so requests never stall."""
+    while True:
+        await trio.sleep(VERSIONS_GC_INTERVAL)
+        try:
+            await control.collect_versions(store, daemon_actor())
+        except OSError:
+            log.exception("collecting old versions failed; trying again later")
 
 
 async def _stop_on_signal() -> None:

@@ -17,23 +17,19 @@ inside `deskfs run`, and ignores DESKFS_AGENT of set-user-ID programs.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import PY, agent_env, command_as, read_line
-from test_roles import (MEMBER, STRANGER, Who, build, builder, desk, fd_servers, journal, member,  # noqa: F401
-                        people, refused, root, stranger)
+from test_roles import desk, people  # noqa: F401  (fixtures)
+from test_roles import MEMBER, STRANGER, Who, build, builder, journal, member, refused, root, stranger
 
 CLIENT_SOCKET = "run/ctl.sock"
 

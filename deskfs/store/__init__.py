@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 from deskfs import journal
 from deskfs.errors import DeskfsError
@@ -23,6 +24,7 @@ from deskfs.layout import (check_is_store, db_path, journal_head_path, journal_k
 from deskfs.store import meta
 from deskfs.store.content import Content, SpaceGuard
 from deskfs.store.meta import Meta
+from deskfs.store.versions import Versions
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ def set_access_modes(store_path: str) -> None:
     os.chmod(store_path, 0o711)
     os.chmod(os.path.join(store_path, "run"), 0o711)
     os.chmod(os.path.join(store_path, "objects"), 0o700)
+    versions = os.path.join(store_path, "versions")
+    if os.path.isdir(versions):
+        os.chmod(versions, 0o700)
     for private in (db_path(store_path), lock_path(store_path), log_path(store_path),
                     journal_key_path(store_path), journal_head_path(store_path)):
         if os.path.exists(private):
@@ -98,8 +103,21 @@ class Store:
             os.close(self._lock_fd)
             raise
         self.content = Content(os.path.join(self.path, "objects"), SpaceGuard(self.path, space_reserve))
+        self.versions = Versions(self.conn, self.meta.begin, os.path.join(self.path, "versions"),
+                                 self.content.path, self.meta.setting)
+        self.content.guard.make_room = self._drop_versions_for_space
+        self._after_commit: list[Callable[[], object]] = []
         self.was_clean = self.meta.setting("clean") == "1"
         set_access_modes(self.path)
+
+    def _drop_versions_for_space(self, wanted: int) -> int:
+        """A write would not fit: old versions yield to live data (oldest first), journaled as `gc`."""
+        from deskfs.journal import daemon_actor
+
+        dropped, freed = self.versions.free_space(wanted)
+        if dropped:
+            self.journal.record(daemon_actor(), "gc", dropped=dropped, freed=freed, reason="disk full")
+        return freed
 
     @property
     def owner_uid(self) -> int:
@@ -230,6 +248,13 @@ class Store:
         if self.meta.has_pending:
             self.meta.commit()
             self.journal.committed()
+        while self._after_commit:  # what may only happen once the commit that allows it is in
+            self._after_commit.pop(0)()
+
+    def after_commit(self, action: Callable[[], object]) -> None:
+        """Run `action` right after the next commit (deleting a body the committed state no longer names:
+        before it, a crash would leave a name whose content is gone)."""
+        self._after_commit.append(action)
 
     def sync(self) -> None:
         """Commit and make the commit durable (a client's fsync waits for this)."""

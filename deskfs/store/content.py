@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from typing import Callable
 
 # Inodes are numbered in creation order, so consecutive files share a bucket folder: creating files
 # spread over many folders costs ext4 a journal block per folder (measured 1.2 ms against 40 us).
@@ -32,6 +33,8 @@ class SpaceGuard:
     def __init__(self, path: str, reserve: int | None = None) -> None:
         self.path = path
         self._explicit_reserve = reserve
+        # Frees space elsewhere on the store's disk when a claim would fail; returns the bytes freed.
+        self.make_room: Callable[[int], int] = lambda nbytes: 0
         self._refresh()
 
     def _refresh(self) -> None:
@@ -46,9 +49,12 @@ class SpaceGuard:
         self.checked_at = time.monotonic()
 
     def claim(self, nbytes: int) -> None:
-        """Account for `nbytes` about to be written; OSError(ENOSPC) if they do not fit."""
+        """Account for `nbytes` about to be written; OSError(ENOSPC) if they do not fit, even after
+        `make_room` gave up what it could (old versions yield to live data)."""
         if self.free - nbytes < 4 * self.reserve or time.monotonic() - self.checked_at > 1.0:
             self._refresh()
+            if self.free - nbytes < self.reserve and self.make_room(nbytes + self.reserve - self.free) > 0:
+                self._refresh()
             if self.free - nbytes < self.reserve:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.free -= nbytes
@@ -112,6 +118,42 @@ class Content:
 
     def is_open(self, ino: int) -> bool:
         return ino in self._fds
+
+    def fd(self, ino: int) -> int:
+        """The descriptor every handle of `ino` shares (it changes when the body is replaced)."""
+        return self._fds[ino]
+
+    def detach(self, ino: int) -> None:
+        """Give the open body of `ino` a private copy if it shares its blocks with another name (a kept
+        version), so that changing it changes nothing else. Open handles go on with the copy."""
+        fd = self._fds.get(ino)
+        if fd is None or os.fstat(fd).st_nlink <= 1:
+            return
+        path = self.path(ino)
+        private = os.open(path + ".private", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        size = os.fstat(fd).st_size
+        copied = 0
+        while copied < size:
+            n = os.copy_file_range(fd, private, size - copied, copied, copied)
+            if n == 0:
+                break
+            copied += n
+        os.rename(path + ".private", path)
+        self._fds[ino] = private
+        os.close(fd)
+
+    def replace_body(self, ino: int) -> None:
+        """Give `ino` a new, empty body; the old one stays wherever else it is linked (a kept version).
+        Open handles go on with the new body."""
+        try:
+            os.unlink(self.path(ino))
+        except FileNotFoundError:
+            pass
+        self._holey.discard(ino)
+        fd = self._fds.get(ino)
+        if fd is not None:
+            self._fds[ino] = self._open_body(ino)
+            os.close(fd)
 
     # -- body operations ----------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ def fsck(store: Store) -> list[str]:
     repairs += _fix_link_counts(store)
     repairs += _fix_sizes(store)
     repairs += _drop_stray_objects(store)
+    repairs += store.versions.check()
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     for table in ("symlinks", "xattrs", "leases"):  # leases: made by the daemon's first open
         if table not in tables:
