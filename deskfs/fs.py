@@ -289,7 +289,7 @@ class Operations(pyfuse3.Operations):
         entry.st_blksize = BLOCK_SIZE
         if inode.is_regular:
             # What the body really takes on disk (holes take nothing): an fstat (+1.5 us) or a stat (+4.5 us).
-            entry.st_blocks = self.content.blocks(inode.id) if inode.size else 0
+            entry.st_blocks = self.content.blocks(inode.id, inode.size) if inode.size else 0
         else:
             entry.st_blocks = ((inode.size + 4095) // 4096) * 8
         entry.st_atime_ns = inode.atime_ns
@@ -373,6 +373,7 @@ class Operations(pyfuse3.Operations):
         if inode is None:
             return
         self.versions.forget(ino)
+        self.content.forget(ino)
         if inode.nlink > 0:
             self.meta.evict(ino)
             return
@@ -869,8 +870,14 @@ class Operations(pyfuse3.Operations):
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         inode = handle.inode
-        self._require(handle.actor, EDITOR, "write", inode.id, handle.where)
-        self._check_change(handle.actor, "write", handle.where, inode.id)
+        try:
+            self._require(handle.actor, EDITOR, "write", inode.id, handle.where)
+            self._check_change(handle.actor, "write", handle.where, inode.id)
+        except pyfuse3.FUSEError:
+            # A refused write-back of mapped pages leaves them in the kernel's cache, clean, for others to
+            # read: drop them, so what was refused is not what others see.
+            self.drop_pages(inode.id)
+            raise
         if inode.mode & SET_ID_BITS:
             self._drop_set_id(inode, handle.actor, -1, "write")
         now = time.time_ns()

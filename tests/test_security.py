@@ -220,6 +220,54 @@ def test_another_principal_cannot_map_a_locked_file_shared(desk):
     assert b"theft" not in Path(path).read_bytes()
 
 
+def test_a_mapping_made_before_another_principal_locked_cannot_write_past_the_lock(desk):
+    """The other order: the intruder maps first, then the holder locks; the intruder's dirty pages are
+    written back through its own handle, and refused."""
+    build(desk, builder, {"m2.bin": "\0" * 8192}, [])
+    path = str(desk.mnt / "m2.bin")
+    intruder = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
+        import errno, mmap, os, sys
+        fd = os.open({path!r}, os.O_RDWR)
+        m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+        print("mapped", flush=True)
+        sys.stdin.readline()  # the holder locks meanwhile
+        m[100:105] = b"theft"
+        try:
+            m.flush()
+            print("OK", flush=True)
+        except OSError as e:
+            print(errno.errorcode[e.errno], flush=True)
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=agent_env("intruder"))
+    holder = None
+    try:
+        assert intruder.stdout.readline().strip() == "mapped"
+        holder = subprocess.Popen(["flock", "-x", path, "-c", "echo locked; read line"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=agent_env("holder"))
+        assert holder.stdout.readline().strip() == "locked"
+        intruder.stdin.write("go\n")
+        intruder.stdin.flush()
+        assert intruder.stdout.readline().strip() in ("EIO", "EBUSY")  # the write-back was refused
+        assert b"theft" not in read_past_the_cache(path)
+    finally:
+        for proc in (intruder, holder):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def read_past_the_cache(path: str) -> bytes:
+    """The file as the daemon serves it now (O_DIRECT: not what the kernel's page cache holds)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = mmap.mmap(-1, 1 << 16)  # page-aligned, as O_DIRECT wants
+        n = os.preadv(fd, [buffer], 0)
+        return bytes(buffer[:n])
+    finally:
+        os.close(fd)
+
+
 def test_hard_links_do_not_escape_a_folder_lease(desk):
     build(desk, builder, {"fl/f": "data\n"}, ["fl", "free"])
     os.link(desk.mnt / "fl" / "f", desk.mnt / "free" / "f_link")

@@ -79,6 +79,9 @@ class Content:
         # Open bodies that may have holes (grown by truncate, written past their end, or found so when
         # opened): a write inside them may allocate, so it is charged in full.
         self._holey: set[int] = set()
+        # Bodies known to hold every byte of their length (no holes): their st_blocks follows from the
+        # size, without a stat of the body on every attribute reply (a stat costs as much as the rest).
+        self._dense: set[int] = set()
 
     @staticmethod
     def create_layout(objects_dir: str) -> None:
@@ -106,6 +109,9 @@ class Content:
             st = os.fstat(fd)
             if st.st_blocks * 512 < st.st_size:
                 self._holey.add(ino)
+                self._dense.discard(ino)
+            else:
+                self._dense.add(ino)
         self._users[ino] += 1
         return fd
 
@@ -138,6 +144,7 @@ class Content:
             if n == 0:
                 break
             copied += n
+        self._dense.discard(ino)
         os.rename(path + ".private", path)
         self._fds[ino] = private
         os.close(fd)
@@ -150,6 +157,7 @@ class Content:
         except FileNotFoundError:
             pass
         self._holey.discard(ino)
+        self._dense.add(ino)  # empty
         fd = self._fds.get(ino)
         if fd is not None:
             self._fds[ino] = self._open_body(ino)
@@ -157,13 +165,23 @@ class Content:
 
     # -- body operations ----------------------------------------------------------------------
 
-    def blocks(self, ino: int) -> int:
-        """512-byte blocks the body really occupies on the store's disk (st_blocks): 0 without a body."""
+    def blocks(self, ino: int, size: int) -> int:
+        """512-byte blocks the body really occupies on the store's disk (st_blocks): 0 without a body.
+        For a body known to have no holes, what its `size` takes in 4 KiB blocks; else the body's own."""
+        if ino in self._dense:
+            return (size + 4095) // 4096 * 8
         fd = self._fds.get(ino)
         try:
-            return (os.fstat(fd) if fd is not None else os.stat(self.path(ino))).st_blocks
+            st = os.fstat(fd) if fd is not None else os.stat(self.path(ino))
         except FileNotFoundError:
             return 0
+        if fd is None and st.st_blocks * 512 >= st.st_size:
+            self._dense.add(ino)
+        return st.st_blocks
+
+    def forget(self, ino: int) -> None:
+        """The daemon no longer keeps `ino` in memory."""
+        self._dense.discard(ino)
 
     def write(self, ino: int, fd: int, offset: int, data: bytes, old_size: int) -> int:
         """pwrite into the open body `fd` of `ino`, after charging the guard for what it may allocate.
@@ -178,6 +196,7 @@ class Content:
             charge = end - max(offset, old_size) if end > old_size else 0
             if offset > old_size:
                 self._holey.add(ino)
+                self._dense.discard(ino)
         if charge > 0:
             self.guard.claim(charge)
         return os.pwrite(fd, data, offset)
@@ -186,6 +205,8 @@ class Content:
         """Set the body's length. Growing allocates nothing (the new part is a hole), so costs no space;
         a length the store's filesystem cannot hold gets its answer (EFBIG on ext4)."""
         fd = self._fds.get(ino)
+        if size > old_size:
+            self._dense.discard(ino)
         if fd is not None:
             os.ftruncate(fd, size)
             if size > old_size:
@@ -204,6 +225,7 @@ class Content:
 
     def delete(self, ino: int) -> None:
         self._holey.discard(ino)
+        self._dense.discard(ino)
         try:
             os.unlink(self.path(ino))
         except FileNotFoundError:
@@ -216,3 +238,4 @@ class Content:
         self._fds.clear()
         self._users.clear()
         self._holey.clear()
+        self._dense.clear()
