@@ -33,6 +33,7 @@ from deskfs.journal import DAEMON_PRINCIPAL, Actor, Journal, daemon_actor, path_
 from deskfs.lease_locks import LeaseLocks
 from deskfs.locks import Holder, KernelLocks, KernelLockWatcher, Leases, LockError, LockTable
 from deskfs.store import Store
+from deskfs.store.content import copy_range
 from deskfs.store.meta import ROOT_INODE, Inode
 from deskfs.store.versions import Deleted
 from deskfs.virtual_xattrs import VirtualXattrs
@@ -1092,12 +1093,7 @@ class Operations(pyfuse3.Operations):
             target = self.content.acquire(inode.id)
             try:
                 os.ftruncate(target, 0)
-                copied = 0
-                while copied < size:
-                    n = os.copy_file_range(source, target, size - copied, copied, copied)
-                    if n == 0:
-                        break
-                    copied += n
+                copy_range(source, target, size)
             finally:
                 self.content.release(inode.id)
         finally:

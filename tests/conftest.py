@@ -5,6 +5,7 @@ Every mount a test makes is unmounted when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -98,6 +99,23 @@ class Workspace:
                 pass
             self.wait_daemon_gone()
         self.mounted = False
+
+
+@contextlib.contextmanager
+def workspace_on_a_tiny_disk(tmp_path: Path, workspace_class: type = Workspace) -> Iterator["Workspace"]:
+    """A mounted workspace whose store lives on a 64 MiB tmpfs; unmounted and the tmpfs removed after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(disk)], cwd="/")
+    ws = None
+    try:
+        ws = workspace_class(disk)
+        ws.mount()
+        yield ws
+    finally:
+        if ws is not None:
+            ws.cleanup()
+        run(["umount", str(disk)], cwd="/")
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DESKFS, PY, RENAMEAT2, Workspace, deskfs, outcome, run
+from conftest import DESKFS, PY, RENAMEAT2, Workspace, deskfs, outcome, run, workspace_on_a_tiny_disk
 
 
 # -- errnos on the mount ---------------------------------------------------------------------
@@ -86,18 +86,8 @@ def test_unknown_xattr_namespace_is_eopnotsupp(ws):
 @pytest.fixture
 def tiny_ws(tmp_path):
     """A mounted workspace whose store lives on a 64 MiB tmpfs."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(disk)], cwd="/")
-    ws = None
-    try:
-        ws = ExitWaitingWorkspace(disk)
-        ws.mount()
+    with workspace_on_a_tiny_disk(tmp_path, ExitWaitingWorkspace) as ws:
         yield ws
-    finally:
-        if ws is not None:
-            ws.cleanup()
-        run(["umount", str(disk)], cwd="/")
 
 
 class ExitWaitingWorkspace(Workspace):

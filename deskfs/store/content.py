@@ -22,6 +22,18 @@ from typing import Callable
 BUCKET_SHIFT = 12
 
 
+def copy_range(source: int, target: int, size: int) -> int:
+    """Copy the first `size` bytes of descriptor `source` into `target` at the same offsets, in the kernel
+    (copy_file_range: no bytes through the daemon); returns how many were copied (less at `source`'s end)."""
+    copied = 0
+    while copied < size:
+        n = os.copy_file_range(source, target, size - copied, copied, copied)
+        if n == 0:
+            break
+        copied += n
+    return copied
+
+
 class SpaceGuard:
     """Refuses growth that would leave less than `reserve` bytes free on the store's filesystem.
 
@@ -137,13 +149,7 @@ class Content:
             return
         path = self.path(ino)
         private = os.open(path + ".private", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        size = os.fstat(fd).st_size
-        copied = 0
-        while copied < size:
-            n = os.copy_file_range(fd, private, size - copied, copied, copied)
-            if n == 0:
-                break
-            copied += n
+        copy_range(fd, private, os.fstat(fd).st_size)
         self._dense.discard(ino)
         os.rename(path + ".private", path)
         self._fds[ino] = private

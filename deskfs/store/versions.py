@@ -36,6 +36,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Callable
 
+from deskfs.store.content import copy_range
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS history (
     line         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -592,12 +594,7 @@ class Versions:
     def _copy(self, source: str, target: str, size: int) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(source, "rb") as src, open(target, "wb") as dst:
-            left = size
-            while left > 0:
-                copied = os.copy_file_range(src.fileno(), dst.fileno(), min(left, COPY_CHUNK))
-                if copied == 0:
-                    break
-                left -= copied
+            copy_range(src.fileno(), dst.fileno(), size)
 
     def _drop_body(self, body: int) -> int:
         """Delete a kept body if no version refers to it any more; returns the bytes it held."""
