@@ -97,6 +97,14 @@ def resolved(path: PathOrLater) -> str | None:
     return path() if callable(path) else path
 
 
+def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
+    """"No such name", for the kernel to remember `timeout` seconds (a raised ENOENT is never cached)."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = timeout
+    return entry
+
+
 def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise fail(errno.ENAMETOOLONG)
@@ -332,10 +340,7 @@ class Operations(pyfuse3.Operations):
             check_name(name)
             ino = self.view.lookup(parent, name)
         if ino is None:
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = 0
-            entry.entry_timeout = 0
-            return entry
+            return negative_entry(0.0)  # the view changes at any moment: the kernel asks again
         if not is_view(ino):
             return self._counted(self._inode(ino), self.meta.parent_of(ino))
         return self._view_attributes(ino)
@@ -532,11 +537,7 @@ class Operations(pyfuse3.Operations):
             check_name(name)
             ino = self.meta.lookup(parent, name)
         if ino is None:
-            # A negative entry with a timeout lets the kernel remember the miss (ENOENT would not).
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = 0
-            entry.entry_timeout = self._entry_timeout(parent)
-            return entry
+            return negative_entry(self._entry_timeout(parent))
         return self._counted(self._inode(ino), parent)
 
     @fuse_handler

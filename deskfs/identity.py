@@ -132,12 +132,6 @@ def process_environment(pid: int) -> dict[bytes, bytes]:
     return found
 
 
-def claimed_agent(pid: int) -> str | None:
-    """The DESKFS_AGENT a process has in its environment (as it was at exec), if any."""
-    value = process_environment(pid).get(ENV_AGENT)
-    return None if value is None else value.decode("utf-8", "replace")
-
-
 def ids_differ(pid: int) -> bool:
     """Whether a process runs with real and effective ids that differ (set-user-ID or set-group-ID): its
     environment was chosen by whoever started it, not by the user it runs as. True if it cannot be told."""
@@ -268,12 +262,13 @@ class Identity:
         self._tokens.pop((session.uid, session.token), None)
         self._cache.clear()
 
-    def session_of(self, pid: int, uid: int) -> Session | None:
-        """The session covering `pid`: itself or an ancestor, or by the token in its environment;
-        registered by the same uid."""
+    def session_of(self, pid: int, uid: int, environment: dict[bytes, bytes] | None = None) -> Session | None:
+        """The session covering `pid`: itself or an ancestor, or by the token in its environment (read
+        here unless given); registered by the same uid."""
         if not self.sessions:
             return None
-        return self._session_by_ancestry(pid, uid) or self._session_by_token(pid, uid)
+        return self._session_by_ancestry(pid, uid) or self._session_by_token(
+            uid, process_environment(pid) if environment is None else environment)
 
     def _session_by_ancestry(self, pid: int, uid: int) -> Session | None:
         pid = thread_group(pid)  # a thread's parent in /proc is its process's parent: start at the process
@@ -290,10 +285,10 @@ class Identity:
             pid = parent
         return None
 
-    def _session_by_token(self, pid: int, uid: int) -> Session | None:
+    def _session_by_token(self, uid: int, environment: dict[bytes, bytes]) -> Session | None:
         if not self._tokens:
             return None
-        tokens = process_environment(pid).get(ENV_SESSION, b"")
+        tokens = environment.get(ENV_SESSION, b"")
         for token in tokens.decode("ascii", "replace").split(","):
             session = self._tokens.get((uid, token))  # another uid's token names no session of this uid
             if session is not None:
@@ -322,16 +317,17 @@ class Identity:
         return "unknown" if uid is None else self.principal(pid, uid)
 
     def _resolve(self, pid: int, uid: int) -> str:
-        if self.sessions and not ids_differ(pid):
-            session = self.session_of(pid, uid)
-            if session is not None:
-                return f"agent:{session.agent}"
-        claim = claimed_agent(pid)
-        if claim is None:
+        environment = process_environment(pid)
+        raw_claim = environment.get(ENV_AGENT)
+        if (self.sessions or raw_claim is not None) and ids_differ(pid):
+            # A set-user-ID program: its environment (and its session's) is its invoker's word.
             return user_principal(uid)
-        if ids_differ(pid):
-            # A set-user-ID program: its environment is its invoker's word, not its user's.
+        session = self.session_of(pid, uid, environment)
+        if session is not None:
+            return f"agent:{session.agent}"
+        if raw_claim is None:
             return user_principal(uid)
+        claim = raw_claim.decode("utf-8", "replace")
         if not is_agent_name(claim):
             log.warning("pid %d (uid %d): ignoring invalid DESKFS_AGENT %r", pid, uid, claim)
             return user_principal(uid)

@@ -697,16 +697,15 @@ _QUERY_FIELDS: dict[str, Callable[[object], bool]] = {
 }
 
 
-def glob_regex(pattern: str) -> re.Pattern:
-    """`*` and `?` stay within one path component, `**` crosses folders; a pattern is rooted at `/`."""
-    if not pattern.startswith("/"):
-        pattern = "/" + pattern
+def glob_body(pattern: str) -> str:
+    """The regular expression for a glob, unanchored: `*` and `?` stay within one path component, `**`
+    crosses folders (`**/` as a whole component also matches no folder at all), `[...]` is a character class."""
     out = []
     i = 0
     while i < len(pattern):
-        if pattern.startswith("/**/", i):
-            out.append("/(?:.*/)?")
-            i += 4
+        if pattern.startswith("**/", i) and (i == 0 or pattern[i - 1] == "/"):
+            out.append("(?:.*/)?")
+            i += 3
         elif pattern.startswith("**", i):
             out.append(".*")
             i += 2
@@ -727,7 +726,16 @@ def glob_regex(pattern: str) -> re.Pattern:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out) + r"(?:/.*)?\Z" if not pattern.endswith("/**") else "".join(out) + r"\Z")
+    return "".join(out)
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A journal path glob (`glob_body`), rooted at `/`; a pattern also matches what is below what it names
+    (unless it ends in `/**`, which says so itself)."""
+    if not pattern.startswith("/"):
+        pattern = "/" + pattern
+    body = glob_body(pattern)
+    return re.compile(body + r"\Z" if pattern.endswith("/**") else body + r"(?:/.*)?\Z")
 
 
 def _sqlite_glob(pattern: str) -> str:

@@ -397,14 +397,12 @@ class LockTable:
         kernel = self.kernel.held()
         if not kernel and not self.leases.by_inode:
             return None
-        locked = set(kernel) | set(self.leases.by_inode)
         for target in targets:
-            for holder in self._binding(kernel.get(target, []) + self.leases.held(target), principal):
+            for holder in self._binding(self._held_at(kernel, target), principal):
                 return holder
-            for folder in self._ancestors(target) & locked:
-                for holder in self._binding(kernel.get(folder, []) + self.leases.held(folder), principal):
-                    if holder.mode == EXCLUSIVE:
-                        return holder
+            holder = self._exclusive_above(kernel, target, principal)
+            if holder is not None:
+                return holder
         return None
 
     def blocker_above(self, inode: int, principal: str) -> Holder | None:
@@ -412,8 +410,15 @@ class LockTable:
         kernel = self.kernel.held()
         if not kernel and not self.leases.by_inode:
             return None
+        return self._exclusive_above(kernel, inode, principal)
+
+    def _held_at(self, kernel: dict[int, list[Holder]], inode: int) -> list[Holder]:
+        return kernel.get(inode, []) + self.leases.held(inode)
+
+    def _exclusive_above(self, kernel: dict[int, list[Holder]], inode: int, principal: str) -> Holder | None:
+        """Another principal's exclusive lock on a folder above `inode` (`kernel`: the kernel's locks now)."""
         for folder in self._ancestors(inode) & (set(kernel) | set(self.leases.by_inode)):
-            for holder in self._binding(kernel.get(folder, []) + self.leases.held(folder), principal):
+            for holder in self._binding(self._held_at(kernel, folder), principal):
                 if holder.mode == EXCLUSIVE:
                     return holder
         return None
@@ -424,7 +429,7 @@ class LockTable:
         if not kernel and not self.leases.by_inode:
             return None
         for inode in set(kernel) | set(self.leases.by_inode):
-            held = self._binding(kernel.get(inode, []) + self.leases.held(inode), principal)
+            held = self._binding(self._held_at(kernel, inode), principal)
             if held and inode != folder and folder in self._ancestors(inode):
                 return held[0]
         return None

@@ -246,6 +246,19 @@ def user_deskfs(user: str) -> list[str]:
     return [DESKFS]
 
 
+def wait_until(predicate, timeout: float, what: str):
+    """Poll `predicate` until it is true (returns its value), or fail after `timeout` seconds: for events
+    the tests can only observe from outside (a lock line in /proc/locks, a file the daemon frees)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
 def one_line(result: subprocess.CompletedProcess) -> str:
     """The one line a command printed (stdout and stderr together); never a traceback."""
     text = (result.stdout + result.stderr).strip()

@@ -19,14 +19,13 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from conftest import (DESKFS, RequestServer, agent_env, command_as, concurrent_sqlite_writers, deskfs, one_line,
-                      read_line, run, shared_workspace, unix_users, user_deskfs)
+from conftest import (DESKFS, RequestServer, agent_env, command_as, concurrent_sqlite_writers, deskfs,
+                      one_line, read_line, run, shared_workspace, unix_users, user_deskfs, wait_until)
 
 LOCK = "user.deskfs.lock"
 WHOAMI = "user.deskfs.whoami"
@@ -104,16 +103,6 @@ def holders(path: Path) -> set[tuple[str, str, str]]:
     return {(l["kind"], l["mode"], l["principal"]) for l in lock_lines(path) or []}
 
 
-def wait_until(predicate, timeout: float, what: str):
-    """Poll `predicate` until it is true (returns its value) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # An agent process: performs file operations on request (one JSON list per line on stdin) and answers

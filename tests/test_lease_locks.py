@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DESKFS, RequestServer, agent_env, deskfs, one_line, read_line, run
+from conftest import (DESKFS, RequestServer, agent_env, deskfs, one_line, read_line, run, wait_until)
 
 LOCK = "user.deskfs.lock"
 EXPIRY_SLACK = 0.5  # a waiting kernel lock is granted within this long after its lease expired
@@ -100,16 +100,6 @@ def proc_locks(token: str, waiting: bool = False) -> list[tuple[str, str, int, i
     return found
 
 
-def wait_until(predicate, timeout: float, what: str):
-    """Poll `predicate` until it is true (returns its value), or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def flock_n(path: Path, agent: str | None, *options: str) -> subprocess.CompletedProcess:

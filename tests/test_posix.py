@@ -14,13 +14,12 @@ import sqlite3
 import stat
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import (DESKFS, PY, RENAMEAT2, Workspace, as_user, command_as, outcome, py, run,
-                      shared_workspace, unix_users, workspace_on_a_tiny_disk)
+                      shared_workspace, unix_users, wait_until, workspace_on_a_tiny_disk)
 
 TEST_USERS = ("deskfs-t1", "deskfs-t2")
 
@@ -53,10 +52,7 @@ def wait_until_freed(store: Path, ino: int, timeout: float = 10.0) -> None:
     """Wait for the body of a freed file to go. It is deleted right after the commit that forgets the file
     (within the 50 ms commit window: before it, a crash would leave a name without its content), and the
     kernel sends the release and forget that free it after the last close, asynchronously."""
-    deadline = time.monotonic() + timeout
-    while ino in objects_of(store):
-        assert time.monotonic() < deadline, f"the body of inode {ino} is still there after {timeout} s"
-        time.sleep(0.01)
+    wait_until(lambda: ino not in objects_of(store), timeout, f"the body of inode {ino} to go")
 
 
 def objects_of(store: Path) -> set[int]:

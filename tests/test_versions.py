@@ -178,16 +178,19 @@ def create(who: Who, path: Path, data: bytes, mode: int = 0o644) -> None:
     """, str(path), data=data)
 
 
-def save(who: Who, path: Path, data: bytes) -> None:
-    """An editor's save: a temporary file, fsync, rename over the target."""
-    act(who, """
+# An editor's save: a temporary file, fsync, rename over the target.
+SAVE = """
         tmp = sys.argv[1] + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, data)
         os.fsync(fd)
         os.close(fd)
         os.rename(tmp, sys.argv[1])
-    """, str(path), data=data)
+    """
+
+
+def save(who: Who, path: Path, data: bytes) -> None:
+    act(who, SAVE, str(path), data=data)
 
 
 def du(path: Path) -> int:
@@ -254,14 +257,7 @@ WAYS = {
         os.write(fd, data[half:])
         os.close(fd)
     """, lambda old, data: data, "open_trunc", [7000, 13000, 0]),
-    "rename_over": ("""
-        tmp = sys.argv[1] + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        os.rename(tmp, sys.argv[1])
-    """, lambda old, data: data, "rename_over", [5000, 20000, 0]),
+    "rename_over": (SAVE, lambda old, data: data, "rename_over", [5000, 20000, 0]),
     "pwrite": ("""
         fd = os.open(sys.argv[1], os.O_WRONLY)
         os.pwrite(fd, data[:100], 1000)

@@ -25,7 +25,6 @@ import base64
 import ctypes
 import difflib
 import errno
-import fnmatch
 import json
 import mimetypes
 import os
@@ -36,6 +35,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from deskfs.journal import glob_body
 from deskfs.mcp.control import Control, ControlError
 from deskfs.mcp.paths import Outside, Root
 
@@ -74,34 +74,8 @@ def _iso(ns: int | float | None) -> str | None:
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
-    """`*` and `?` within one component, `**` across folders."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                out.append(re.escape(c))
-                i += 1
-            else:
-                out.append(fnmatch.translate(pattern[i:end + 1])[4:-3])
-                i = end + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return re.compile("".join(out) + r"\Z", re.S)
+    """The whole of a name or relative path matched by glob `pattern` (the journal's glob syntax)."""
+    return re.compile(glob_body(pattern) + r"\Z", re.S)
 
 
 class Matcher:

@@ -206,6 +206,11 @@ def describe(conn: sqlite3.Connection, store: "Versions", path: str) -> list[dic
     return listed
 
 
+# A removed file's history line and its last kept version, as a Deleted (history h, versions v).
+_DELETED_COLUMNS = ("h.line, h.current, h.deleted_path, h.deleted_parent, h.deleted_ns, h.deleted_by,"
+                    " COALESCE(v.size, 0), h.deleted_mode, h.deleted_uid, h.deleted_gid")
+
+
 @dataclass(frozen=True)
 class Deleted:
     line: int
@@ -532,18 +537,15 @@ class Versions:
         """Files removed (and not brought back), newest first, whose path was `under` or below it."""
         prefix = under.rstrip("/") + "/"
         rows = conn.execute(
-            "SELECT h.line, h.current, h.deleted_path, h.deleted_parent, h.deleted_ns, h.deleted_by,"
-            " COALESCE(v.size, 0), h.deleted_mode, h.deleted_uid, h.deleted_gid FROM history h"
-            " LEFT JOIN versions v ON v.line = h.line AND v.number = h.current"
+            f"SELECT {_DELETED_COLUMNS} FROM history h LEFT JOIN versions v ON v.line = h.line AND v.number = h.current"
             " WHERE h.inode IS NULL AND h.deleted_path IS NOT NULL ORDER BY h.deleted_ns DESC").fetchall()
         return [Deleted(*row) for row in rows if under in ("/", "") or row[2] == under or row[2].startswith(prefix)]
 
     def removed_line(self, line_id: int) -> Deleted | None:
         """Line `line_id`, if it is in the trash with its last version kept."""
         row = self._conn.execute(
-            "SELECT h.line, h.current, h.deleted_path, h.deleted_parent, h.deleted_ns, h.deleted_by, v.size,"
-            " h.deleted_mode, h.deleted_uid, h.deleted_gid FROM history h JOIN versions v ON v.line = h.line"
-            " AND v.number = h.current WHERE h.line=? AND h.inode IS NULL AND v.body IS NOT NULL",
+            f"SELECT {_DELETED_COLUMNS} FROM history h JOIN versions v ON v.line = h.line AND v.number = h.current"
+            " WHERE h.line=? AND h.inode IS NULL AND v.body IS NOT NULL",
             (line_id,)).fetchone()
         return None if row is None else Deleted(*row)
 
